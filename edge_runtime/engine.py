@@ -1,0 +1,165 @@
+"""Runtime: one loaded model driven by a resolved profile.
+
+It owns the model adapter, the memory governor, the voice cache and the telemetry log; every
+forward runs under `torch.inference_mode()`. Serving layers talk to the model only through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError, RequestFailedError
+from .memory import MemoryGovernor, is_oom_error
+from .models.base import SpeechModel, SynthesisSettings
+from .telemetry import RequestTelemetry, TelemetryLog
+from .voices import VoiceCache
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(threads: int) -> int:
+    """Intra-op threads: the profile's value, or every physical core when it says 0."""
+    if threads <= 0:
+        import psutil
+
+        threads = psutil.cpu_count(logical=False) or torch.get_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+class Runtime:
+    """Synthesises speech with one model under one profile; safe to call from several threads."""
+
+    def __init__(self, model: SpeechModel, profile: Any, *, telemetry_path: str | None = None,
+                 device: str = "cpu") -> None:
+        self.model = model
+        self.profile = profile
+        self.device = device
+        self.threads = configure_threads(profile.runtime.threads)
+        cleanup = profile.cleanup
+        self.governor = MemoryGovernor(cleanup.policy, every_n=cleanup.every_n,
+                                       fragmentation_threshold=cleanup.fragmentation_threshold,
+                                       malloc_trim=cleanup.malloc_trim, device=device)
+        cache = profile.voice_cache
+        self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
+        self.telemetry = TelemetryLog(telemetry_path)
+        self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_text(self, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("text is empty: give at least one word to speak")
+        limit = self.profile.limits.max_text_chars
+        if len(text) > limit:
+            raise InvalidInputError(
+                f"text is {len(text)} characters; profile {self.profile.name!r} allows at most {limit} "
+                f"(limits.max_text_chars; raise it with --set limits.max_text_chars=N)")
+        return text
+
+    def _settings(self, **kwargs: Any) -> SynthesisSettings:
+        speed = kwargs.get("speed", 1.0)
+        if not (isinstance(speed, (int, float)) and 0.25 <= float(speed) <= 4.0):
+            raise InvalidInputError(f"speed {speed!r} is out of range; allowed: 0.25 to 4.0")
+        for name in ("noise_scale", "noise_w"):
+            value = kwargs.get(name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 2.0):
+                raise InvalidInputError(f"{name} {value!r} is out of range; allowed: 0.0 to 2.0")
+        settings = SynthesisSettings(**kwargs)
+        self.model.check_settings(settings)
+        return settings
+
+    # -- synthesis --------------------------------------------------------------------------
+    def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
+        """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
+        text = self._check_text(text)
+        opts = self._settings(**settings)
+        units = self.model.split_text(text)
+        if not units:
+            raise InvalidInputError("text has nothing speakable after normalisation")
+        return self._run(units, opts, voice)
+
+    def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
+        """The whole utterance as one float32 array, and its sample rate."""
+        chunks = list(self.stream(text, voice=voice, **settings))
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return audio, self.sample_rate
+
+    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any) -> Iterator[np.ndarray]:
+        record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id, "batch_size": 1,
+                  "voice_cache": "none" if voice is None else "hit"}
+        start = time.perf_counter()
+        first_audio = None
+        samples = 0
+        error = None
+        try:
+            for unit in units:
+                for chunk in self._forward(unit, opts, voice):
+                    if first_audio is None:
+                        first_audio = time.perf_counter() - start
+                    samples += len(chunk)
+                    yield chunk
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._finish(record, start, first_audio, samples, error)
+
+    def _forward(self, unit: str, opts: SynthesisSettings, voice: Any) -> Iterator[np.ndarray]:
+        """One unit, chunk by chunk, each step under inference mode and the model lock (held per
+        step, not while a slow consumer reads). An OOM before the first chunk cleans up and retries
+        once; after audio went out it fails the request, and the runtime serves the next one."""
+        for attempt in (1, 2):
+            produced = False
+            steps = self.model.synthesize_unit(unit, opts, voice)
+            try:
+                while True:
+                    with self._lock, torch.inference_mode():
+                        chunk = next(steps, None)
+                    if chunk is None:
+                        return
+                    produced = True
+                    yield chunk
+            except Exception as exc:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+                if not is_oom_error(exc):
+                    raise
+                self.governor.recover_from_oom()
+                if produced or attempt == 2:
+                    raise RequestFailedError(
+                        f"out of memory synthesising {len(unit)} characters even after cleanup; "
+                        "try a smaller profile tier or shorter text") from exc
+                log.warning("out of memory; cleaned up and retrying once")
+            finally:
+                steps.close()
+
+    def _finish(self, record: dict, start: float, first_audio: float | None, samples: int,
+                error: str | None) -> None:
+        latency = time.perf_counter() - start
+        audio_s = samples / self.sample_rate
+        cleanup = self.governor.after_request()
+        snap = self.governor.snapshot()
+        self.telemetry.record(RequestTelemetry(
+            **record, latency_s=latency, audio_seconds=audio_s,
+            rtf=latency / audio_s if audio_s else None, time_to_first_audio_s=first_audio,
+            rss_bytes=snap.rss_bytes, cuda_allocated=snap.cuda_allocated, cuda_reserved=snap.cuda_reserved,
+            cuda_peak=snap.cuda_peak, cleaned=cleanup.cleaned, error=error))
+
+    @property
+    def last_telemetry(self) -> RequestTelemetry | None:
+        return self.telemetry.last()
+
+    def close(self) -> None:
+        self.voice_cache.clear()
+        self.telemetry.close()

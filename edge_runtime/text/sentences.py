@@ -1,0 +1,53 @@
+"""Split normalised text into sentences, and over-long sentences into clause groups.
+
+Sentences are the unit of streaming: the first one is synthesised while the rest wait, so a
+long run-on sentence is cut at clause punctuation (then at spaces) to keep the first audio early
+and every forward pass bounded.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    """Greedy packing of clauses (or words, for a clause still too long) up to max_chars."""
+    pieces: list[str] = []
+    for clause in _CLAUSE_END.split(sentence):
+        if len(clause) <= max_chars:
+            pieces.append(clause)
+            continue
+        words, line = clause.split(" "), ""
+        for word in words:
+            if line and len(line) + 1 + len(word) > max_chars:
+                pieces.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        if line:
+            pieces.append(line)
+    chunks, current = [], ""
+    for piece in pieces:
+        if current and len(current) + 1 + len(piece) > max_chars:
+            chunks.append(current)
+            current = piece
+        else:
+            current = f"{current} {piece}" if current else piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def split_sentences(text: str, max_chars: int = 300) -> list[str]:
+    """Sentences of `text` (already normalised), none longer than `max_chars`."""
+    out: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        for sentence in _SENTENCE_END.split(paragraph.strip()):
+            sentence = " ".join(sentence.split())
+            if not sentence:
+                continue
+            out.extend(_split_long(sentence, max_chars) if len(sentence) > max_chars else [sentence])
+    return out
