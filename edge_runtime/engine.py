@@ -89,15 +89,20 @@ class Runtime:
         units = self.model.split_text(text)
         if not units:
             raise InvalidInputError("text has nothing speakable after normalisation")
-        return self._run(units, opts, voice)
+        return self._run(units, opts, voice, stream=True)
 
     def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
         """The whole utterance as one float32 array, and its sample rate."""
-        chunks = list(self.stream(text, voice=voice, **settings))
+        text = self._check_text(text)
+        opts = self._settings(**settings)
+        units = self.model.split_text(text)
+        if not units:
+            raise InvalidInputError("text has nothing speakable after normalisation")
+        chunks = list(self._run(units, opts, voice, stream=False))
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return audio, self.sample_rate
 
-    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any) -> Iterator[np.ndarray]:
+    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any, stream: bool) -> Iterator[np.ndarray]:
         record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id, "batch_size": 1,
                   "voice_cache": "none" if voice is None else "hit"}
         start = time.perf_counter()
@@ -106,7 +111,7 @@ class Runtime:
         error = None
         try:
             for unit in units:
-                for chunk in self._forward(unit, opts, voice):
+                for chunk in self._forward(unit, opts, voice, stream):
                     if first_audio is None:
                         first_audio = time.perf_counter() - start
                     samples += len(chunk)
@@ -117,13 +122,13 @@ class Runtime:
         finally:
             self._finish(record, start, first_audio, samples, error)
 
-    def _forward(self, unit: str, opts: SynthesisSettings, voice: Any) -> Iterator[np.ndarray]:
+    def _forward(self, unit: str, opts: SynthesisSettings, voice: Any, stream: bool) -> Iterator[np.ndarray]:
         """One unit, chunk by chunk, each step under inference mode and the model lock (held per
         step, not while a slow consumer reads). An OOM before the first chunk cleans up and retries
         once; after audio went out it fails the request, and the runtime serves the next one."""
         for attempt in (1, 2):
             produced = False
-            steps = self.model.synthesize_unit(unit, opts, voice)
+            steps = self.model.synthesize_unit(unit, opts, voice, stream=stream)
             try:
                 while True:
                     with self._lock, torch.inference_mode():
@@ -163,3 +168,15 @@ class Runtime:
     def close(self) -> None:
         self.voice_cache.clear()
         self.telemetry.close()
+
+
+def load(model: str | None = None, *, profile: str | None = None, overrides: tuple[str, ...] = (),
+         telemetry: str | None = None) -> Runtime:
+    """Resolve the profile, load `model` (default: the embedded Piper voice) and return a Runtime."""
+    from .models import registry
+    from .profiles import load_profile
+
+    resolved = load_profile(profile, overrides)
+    configure_threads(resolved.runtime.threads)  # before loading: weight prepacking uses them
+    adapter = registry.load(model)
+    return Runtime(adapter, resolved, telemetry_path=telemetry)

