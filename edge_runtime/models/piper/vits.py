@@ -1,0 +1,163 @@
+"""PiperVits: a PyTorch VITS for Piper voices, numerically matching Piper's ONNX graphs.
+
+Four named stages a runtime can place or offload one by one:
+  text_encoder -> duration_predictor -> (expand to frames) -> flow -> decoder
+Each has its own method (`encode`, `predict_durations`, `expand`, `flow_reverse`, `decode`);
+`forward` chains them. Randomness is explicit: pass a `torch.Generator` for reproducible audio;
+noise scales of 0 give deterministic output without drawing any random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import VitsHyperParams
+from .decoder import Decoder
+from .duration import DurationPredictor
+from .flow import Flow
+from .text_encoder import TextEncoder, masked
+
+__all__ = ["PiperVits", "Encoded", "Expanded", "TextEncoder", "DurationPredictor", "Flow", "Decoder"]
+
+# our submodule names <-> the original VITS prefixes used in Piper's ONNX initializers
+VITS_PREFIXES = {"text_encoder": "enc_p", "duration_predictor": "dp", "flow": "flow",
+                 "decoder": "dec", "speaker_embedding": "emb_g"}
+
+
+class Encoded(NamedTuple):
+    hidden: torch.Tensor  # [B, H, T] encoder output (duration predictor input)
+    m: torch.Tensor  # [B, C, T] prior mean per phoneme
+    logs: torch.Tensor  # [B, C, T] prior log-std per phoneme
+    mask: torch.Tensor | None  # [B, 1, T], None when nothing is padded
+    lengths: torch.Tensor  # [B]
+
+
+class Expanded(NamedTuple):
+    m: torch.Tensor  # [B, C, F] per frame
+    logs: torch.Tensor
+    mask: torch.Tensor | None  # [B, 1, F], None when every item has F frames
+    lengths: torch.Tensor  # [B] frames
+
+
+def sequence_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor | None:
+    """[B, 1, max_len] float mask, or None when every sequence fills max_len."""
+    if bool((lengths >= max_len).all()):
+        return None
+    steps = torch.arange(max_len, device=lengths.device)
+    return (steps.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1).float()
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without random init (~0.1 s here) when every weight is loaded right after.
+
+    Cheaper than the meta device, whose first use imports torch's decomposition machinery (~1 s).
+    """
+    names = ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+class PiperVits(nn.Module):
+    def __init__(self, hp: VitsHyperParams) -> None:
+        super().__init__()
+        self.hparams = hp
+        self.hop_length = hp.hop_length
+        gin = hp.gin_channels if hp.n_speakers > 1 else 0
+        self.text_encoder = TextEncoder(hp.n_vocab, hp.inter_channels, hp.hidden_channels, hp.filter_channels,
+                                        hp.n_heads, hp.n_layers, hp.kernel_size, hp.window_size, hp.heads_share)
+        self.duration_predictor = DurationPredictor(
+            hp.hidden_channels, hp.dp_filter_channels, hp.dp_kernel_size, hp.dp_n_layers, hp.dp_n_flows,
+            hp.dp_flow_n_layers, hp.dp_num_bins, hp.dp_tail_bound, hp.dp_dilations, hp.dp_flow_dilations, gin)
+        self.flow = Flow(hp.inter_channels, hp.hidden_channels, hp.wn_kernel_size, hp.wn_dilations,
+                         hp.n_flows, gin, hp.mean_only)
+        self.decoder = Decoder(hp.inter_channels, hp.upsample_initial_channel, hp.upsample_rates,
+                               hp.upsample_kernel_sizes, hp.upsample_paddings, hp.resblock,
+                               hp.resblock_kernel_sizes, hp.resblock_dilation_sizes, hp.pre_kernel_size,
+                               hp.post_kernel_size, hp.post_bias, gin)
+        self.speaker_embedding = nn.Embedding(hp.n_speakers, hp.gin_channels) if gin else None
+        self.optimization = "eager"
+
+    # -- stages ----------------------------------------------------------------------------------
+    def speaker(self, speaker_id: torch.Tensor | int | None, batch: int) -> torch.Tensor | None:
+        """Speaker conditioning g [B, gin, 1]; None for single-speaker voices."""
+        if self.speaker_embedding is None:
+            return None
+        device = self.speaker_embedding.weight.device
+        sid = torch.as_tensor(0 if speaker_id is None else speaker_id, dtype=torch.long, device=device)
+        sid = sid.reshape(-1).expand(batch) if sid.numel() == 1 else sid.reshape(batch)
+        return self.speaker_embedding(sid).unsqueeze(-1)
+
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> Encoded:
+        mask = sequence_mask(lengths, ids.shape[1])
+        hidden, m, logs = self.text_encoder(ids, mask)
+        return Encoded(hidden, m, logs, mask, lengths)
+
+    def predict_durations(self, enc: Encoded, noise_w: float = 0.8, length_scale: float = 1.0,
+                          g: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Whole frames per phoneme [B, T] (float; 0 for padding)."""
+        b, _, t = enc.hidden.shape
+        noise = enc.hidden.new_zeros(b, 2, t)
+        if noise_w:
+            noise = _randn_like(noise, generator) * noise_w
+        logw = self.duration_predictor(enc.hidden, enc.mask, noise, g)
+        w = masked(torch.exp(logw), enc.mask) * length_scale
+        return torch.ceil(w).squeeze(1)
+
+    def expand(self, enc: Encoded, durations: torch.Tensor) -> Expanded:
+        """Repeat each phoneme's prior for its frames (a gather; same values as VITS' path matmul)."""
+        frames = torch.clamp_min(durations.sum(dim=1), 1).long()
+        n = int(frames.max())
+        ends = torch.cumsum(durations, dim=1)  # exact: integers in float32
+        steps = torch.arange(n, device=durations.device, dtype=durations.dtype)
+        idx = torch.searchsorted(ends, steps.expand(ends.shape[0], n).contiguous(), right=True)
+        idx = idx.clamp_(max=durations.shape[1] - 1).unsqueeze(1)
+        mask = sequence_mask(frames, n)
+        covered = (steps.unsqueeze(0) < ends[:, -1:]).unsqueeze(1)  # frames past the last phoneme stay 0
+
+        def gather(stats: torch.Tensor) -> torch.Tensor:
+            out = stats.gather(2, idx.expand(-1, stats.shape[1], -1))
+            return out if bool(covered.all()) else out * covered
+
+        return Expanded(gather(enc.m), gather(enc.logs), mask, frames)
+
+    def flow_reverse(self, prior: Expanded, noise_scale: float = 0.667, g: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the prior and run the flow backwards: decoder input z [B, C, F] (masked)."""
+        z = prior.m
+        if noise_scale:
+            z = z + _randn_like(z, generator) * torch.exp(prior.logs) * noise_scale
+        return masked(self.flow(z, prior.mask, g), prior.mask)
+
+    def decode(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, F] -> [B, F * hop] waveform in [-1, 1]."""
+        return self.decoder(z, g)
+
+    # -- all together ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, phoneme_ids: torch.Tensor, lengths: torch.Tensor, noise_scale: float = 0.667,
+                length_scale: float = 1.0, noise_w: float = 0.8, speaker_id: torch.Tensor | int | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phoneme ids [B, T] (padded) and lengths [B] -> audio [B, samples], samples per item [B]."""
+        g = self.speaker(speaker_id, phoneme_ids.shape[0])
+        enc = self.encode(phoneme_ids, lengths)
+        durations = self.predict_durations(enc, noise_w, length_scale, g, generator)
+        prior = self.expand(enc, durations)
+        z = self.flow_reverse(prior, noise_scale, g, generator)
+        audio = self.decode(z, g)
+        return audio, prior.lengths * self.hop_length

@@ -1,0 +1,131 @@
+"""Load a Piper voice as PiperVits, converting its .onnx once and caching the weights as safetensors.
+
+The cache file is keyed by the ONNX file's sha256 (so a replaced voice file never reuses stale
+weights) and carries the hyperparameters as JSON in its header, so later loads need neither the
+`onnx` package nor the graph. Hashing 60+ MB on every start would cost ~0.1 s, so hashes are
+remembered in a small index keyed by path, size and mtime. Every write is tmp-file + rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import PiperVoiceConfig, VitsHyperParams
+from .errors import VoiceLoadError
+from .vits import PiperVits, skip_weight_init
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edge_runtime.piper.v1"  # bump when the cached layout or module names change
+_INDEX = "sha256_index.json"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else $EDGE_RUNTIME_CACHE, else $XDG_CACHE_HOME/edge_runtime, else ~/.cache/edge_runtime."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("EDGE_RUNTIME_CACHE"):
+        return Path(os.environ["EDGE_RUNTIME_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edge_runtime"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: Path, folder: Path) -> str:
+    """sha256 of `path`, remembered in `folder`'s index while the file's size and mtime stay the same."""
+    stat = path.stat()
+    key = str(path.resolve())
+    index_path = folder / _INDEX
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(key)
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    try:
+        _atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+    except OSError as exc:  # a read-only cache still works, it just rehashes next time
+        log.debug("could not update %s: %s", index_path, exc)
+    return index[key]["sha256"]
+
+
+def _read_cached(path: Path, source: Path) -> PiperVits | None:
+    """The model from a cached safetensors file, or None when it is absent, stale or damaged."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    from .onnx_import import load_state  # load_state lives beside convert; importing it does not load onnx
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                return None
+            hp = VitsHyperParams.from_json(meta["hparams"])
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        with skip_weight_init():
+            model = PiperVits(hp)
+        load_state(model, state, source)
+        return model.eval()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, VoiceLoadError) as exc:
+        log.warning("ignoring damaged weight cache %s (%s); converting %s again", path, exc, source)
+        return None
+
+
+def load_piper_voice(onnx_path: str | Path, json_path: str | Path | None = None,
+                     cache_dir: str | Path | None = None) -> tuple[PiperVits, PiperVoiceConfig]:
+    """A Piper voice as (PiperVits in eval mode, its config); raises VoiceLoadError naming the problem."""
+    onnx_path = Path(onnx_path)
+    json_path = Path(json_path) if json_path is not None else onnx_path.with_name(onnx_path.name + ".json")
+    if not onnx_path.is_file():
+        raise VoiceLoadError(f"voice model {onnx_path} does not exist")
+    config = PiperVoiceConfig.from_json(json_path)
+    folder = cache_root(cache_dir) / "piper"
+    sha = file_sha256(onnx_path, folder)
+    cached = folder / f"{sha}.safetensors"
+    model = _read_cached(cached, onnx_path)
+    if model is None:
+        from .onnx_import import convert
+
+        model, hp = convert(onnx_path)
+        config.check_against(hp, json_path)  # before caching: a mismatched pair must fail every time
+        _save(model, hp, cached, onnx_path)
+    config.check_against(model.hparams, json_path)
+    return model, config
+
+
+def _save(model: PiperVits, hp: VitsHyperParams, path: Path, source: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "hparams": hp.to_json(), "source": source.name}
+    try:
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    except OSError as exc:
+        log.warning("could not cache converted weights at %s (%s); the next load converts again", path, exc)
