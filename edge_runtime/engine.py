@@ -53,6 +53,9 @@ class Runtime:
         self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
         self.telemetry = TelemetryLog(telemetry_path)
         self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
+        # Everything alive now (torch, the model) is permanent: later full collections skip it,
+        # which makes per-request cleanup cost ~0.01 ms instead of ~50 ms.
+        MemoryGovernor.freeze_baseline()
 
     @property
     def sample_rate(self) -> int:
@@ -153,8 +156,8 @@ class Runtime:
                 error: str | None) -> None:
         latency = time.perf_counter() - start
         audio_s = samples / self.sample_rate
+        snap = self.governor.snapshot()  # before cleanup: cleanup resets the CUDA peak
         cleanup = self.governor.after_request()
-        snap = self.governor.snapshot()
         self.telemetry.record(RequestTelemetry(
             **record, latency_s=latency, audio_seconds=audio_s,
             rtf=latency / audio_s if audio_s else None, time_to_first_audio_s=first_audio,
@@ -167,6 +170,7 @@ class Runtime:
 
     def close(self) -> None:
         self.voice_cache.clear()
+        MemoryGovernor.release_baseline()
         self.telemetry.close()
 
 
