@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 # format name -> (libsndfile container, subtype)
 FORMATS = {
     "wav": ("WAV", "PCM_16"),
@@ -18,7 +20,7 @@ FORMATS = {
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
-class AudioFormatError(ValueError):
+class AudioFormatError(InvalidInputError):
     """Unknown or unusable output format."""
 
 

@@ -1,0 +1,136 @@
+"""The profile schema: one frozen pydantic model per YAML section.
+
+This is a contract other modules code against: keys may be added, never renamed. Each field's
+`allowed` text is what an error message tells the user; each docstring says where the key acts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def key(allowed: str, default: Any = ..., **constraints: Any) -> Any:
+    """A field whose `allowed` text explains valid values in error messages."""
+    return Field(default, json_schema_extra={"allowed": allowed}, **constraints)
+
+
+class Section(BaseModel):
+    # strict: YAML `"8"` or `true` is not silently an int; extra=forbid: typos are errors.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _lists_to_tuples(cls, value: Any) -> Any:
+        # YAML gives lists; frozen models keep tuples so nobody mutates a shared profile.
+        return tuple(value) if isinstance(value, list) else value
+
+
+class Memory(Section):
+    """Budget the planner fits weights and activations into."""
+
+    vram_gib: Optional[float] = key("a number of GiB >= 0, or null for the cpu tier", ge=0)
+    reserve_gib: float = key("a number of GiB >= 0 (CUDA context + allocator headroom)", ge=0)
+
+    @model_validator(mode="after")
+    def _reserve_below_vram(self) -> Memory:
+        if self.vram_gib and self.reserve_gib >= self.vram_gib:
+            raise ValueError(f"memory.reserve_gib ({self.reserve_gib}) must be smaller than "
+                             f"memory.vram_gib ({self.vram_gib})")
+        return self
+
+
+class Precision(Section):
+    """Resolved against the hardware by `dtypes.choose_dtype`."""
+
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = key("auto, bf16, fp16 or fp32")
+    fp32_components: tuple[str, ...] = key("a list of component names kept fp32 under half precision")
+
+
+class Offload(Section):
+    """How the backend places components that do not fit in VRAM."""
+
+    backend: Literal["auto", "none", "accelerate", "deepspeed"] = key("auto, none, accelerate or deepspeed")
+    target: Literal["cpu", "disk", "nvme"] = key("cpu, disk or nvme")
+    pin_memory: bool = key("true or false")
+    prefetch: int = key("an integer >= 0 (blocks fetched ahead; 0 = off)", ge=0)
+    keep_resident: tuple[str, ...] = key("a list of component names never offloaded")
+    offload_dir: Optional[str] = key("a folder path, or null for the user cache dir")
+
+    @model_validator(mode="after")
+    def _target_fits_backend(self) -> Offload:
+        # accelerate streams from RAM or safetensors on disk; DeepSpeed ZeRO from RAM or NVMe.
+        bad = {"accelerate": "nvme", "deepspeed": "disk"}.get(self.backend)
+        if self.target == bad:
+            raise ValueError(f"offload.target {bad!r} does not work with offload.backend "
+                             f"{self.backend!r}; accelerate takes cpu|disk, deepspeed takes cpu|nvme")
+        return self
+
+
+class Cleanup(Section):
+    """When the memory governor (memory.py) empties caches and trims the heap."""
+
+    policy: Literal["per_request", "every_n", "threshold", "off"] = key("per_request, every_n, threshold or off")
+    every_n: PositiveInt = key("an integer >= 1 (requests between cleanups)")
+    fragmentation_threshold: float = key("a number from 0 to 1: (reserved-allocated)/reserved", ge=0, le=1)
+    malloc_trim: bool = key("true or false")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; the user meant the policy "off".
+        return "off" if value is False else value
+
+
+class VoiceCache(Section):
+    """Bounds of the prepared-voice LRU cache (voices.py)."""
+
+    max_entries: PositiveInt = key("an integer >= 1")
+    max_mib: float = key("a number of MiB > 0", gt=0)
+    device: Literal["cpu", "cuda"] = key("cpu or cuda")
+    library_dir: Optional[str] = key("a folder path, or null for the user data dir")
+
+
+class Batching(Section):
+    """Micro-batching in the scheduler."""
+
+    max_batch: Union[Literal["auto"], PositiveInt] = key("auto or an integer >= 1")
+    max_wait_ms: float = key("a number of milliseconds >= 0", ge=0)
+
+
+class Limits(Section):
+    """Request validation (engine, server) and queueing."""
+
+    max_text_chars: PositiveInt = key("an integer >= 1")
+    max_prompt_seconds: float = key("a number of seconds > 0", gt=0)
+    queue_size: PositiveInt = key("an integer >= 1")
+    request_timeout_s: float = key("a number of seconds > 0", gt=0)
+
+
+class RuntimeSection(Section):
+    """Process-wide settings applied by the engine."""
+
+    threads: int = key("an integer >= 0 (0 = every physical core)", ge=0)
+
+
+class Profile(Section):
+    """A resolved profile. `source` is the file it came from (set by the loader, not in YAML)."""
+
+    name: str = key("a short name")
+    description: str = key("one line of text")
+    source: str = key("set by the loader", default="")
+    memory: Memory
+    precision: Precision
+    offload: Offload
+    cleanup: Cleanup
+    voice_cache: VoiceCache
+    batching: Batching
+    limits: Limits
+    runtime: RuntimeSection
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable values (tuples become lists)."""
+        return self.model_dump(mode="json")
