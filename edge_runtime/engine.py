@@ -152,6 +152,67 @@ class Runtime:
             finally:
                 steps.close()
 
+    # -- batches ----------------------------------------------------------------------------
+    def synthesize_batch(self, texts: list[str], *, voice: Any = None, max_batch: int | None = None,
+                         **settings: Any) -> list[tuple[np.ndarray, int]]:
+        """Several requests with the same settings, their sentences run `max_batch` at a time.
+
+        Out of memory in a batch: clean up, split it in halves and retry each half; a single sentence
+        that still does not fit fails the whole call with RequestFailedError (the runtime lives on).
+        """
+        if not hasattr(self.model, "synthesize_batch"):
+            return [self.synthesize(text, voice=voice, **settings) for text in texts]
+        opts = self._settings(**settings)
+        units = [self.model.split_text(self._check_text(text)) for text in texts]
+        flat = [(i, unit) for i, request_units in enumerate(units) for unit in request_units]
+        size = max(1, max_batch or self.batch_size())
+        outputs: list[list[np.ndarray]] = [[] for _ in texts]
+        start = time.perf_counter()
+        error = None
+        try:
+            for first in range(0, len(flat), size):
+                group = flat[first:first + size]
+                for (i, _), audio in zip(group, self._forward_batch([u for _, u in group], opts, voice)):
+                    outputs[i].append(audio)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for chunks in outputs:
+                record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id,
+                          "batch_size": min(size, len(flat)), "voice_cache": "none"}
+                self._finish(record, start, None, sum(len(c) for c in chunks), error)
+        return [(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate)
+                for chunks in outputs]
+
+    def batch_size(self) -> int:
+        configured = self.profile.batching.max_batch
+        return configured if isinstance(configured, int) else 1
+
+    def _forward_batch(self, units: list[str], opts: SynthesisSettings, voice: Any) -> list[np.ndarray]:
+        try:
+            with self._lock, torch.inference_mode():
+                return self.model.synthesize_batch(units, opts, voice)
+        except Exception as exc:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+            if not is_oom_error(exc):
+                raise
+            self.governor.recover_from_oom()
+            if len(units) == 1:
+                try:  # one retry after cleanup, as for a single request
+                    with self._lock, torch.inference_mode():
+                        return self.model.synthesize_batch(units, opts, voice)
+                except Exception as again:  # noqa: BLE001
+                    if not is_oom_error(again):
+                        raise
+                    self.governor.recover_from_oom()
+                    raise RequestFailedError(
+                        f"out of memory synthesising one sentence of {len(units[0])} characters even "
+                        "alone and after cleanup; try a smaller profile tier or shorter sentences") from again
+            half = len(units) // 2
+            log.warning("out of memory at batch %d; cleaned up, retrying as %d + %d", len(units), half,
+                        len(units) - half)
+            return self._forward_batch(units[:half], opts, voice) + self._forward_batch(units[half:], opts, voice)
+
     def _finish(self, record: dict, start: float, first_audio: float | None, samples: int,
                 error: str | None) -> None:
         latency = time.perf_counter() - start

@@ -82,31 +82,54 @@ class PiperModel(SpeechModel):
     def split_text(self, text: str) -> list[str]:
         return self.frontend.sentences(text)
 
-    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None,
-                        stream: bool = False) -> Iterator[np.ndarray]:
-        utt = self.frontend.utterance(unit)
-        if len(utt.phonemes) == 0:
-            return
+    def _latent(self, id_lists: list[tuple[int, ...]], settings: SynthesisSettings):
+        """Phoneme ids (a batch, padded) -> decoder input z, speaker conditioning, frames per item."""
         cfg, vits = self.config, self.vits
         device = next(vits.parameters()).device
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=device).manual_seed(settings.seed)
-        ids = torch.tensor([utt.ids], dtype=torch.long, device=device)
-        lengths = torch.tensor([len(utt.ids)], dtype=torch.long, device=device)
-        g = vits.speaker(self._speaker_id(settings.speaker), 1)
+        width = max(len(ids) for ids in id_lists)
+        ids = torch.zeros(len(id_lists), width, dtype=torch.long, device=device)
+        for row, item in enumerate(id_lists):
+            ids[row, :len(item)] = torch.tensor(item, dtype=torch.long)
+        lengths = torch.tensor([len(item) for item in id_lists], dtype=torch.long, device=device)
+        g = vits.speaker(self._speaker_id(settings.speaker), len(id_lists))
         noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
         noise_scale = cfg.noise_scale if settings.noise_scale is None else settings.noise_scale
-        length_scale = cfg.length_scale / settings.speed
         enc = vits.encode(ids, lengths)
-        durations = vits.predict_durations(enc, noise_w, length_scale, g, generator)
+        durations = vits.predict_durations(enc, noise_w, cfg.length_scale / settings.speed, g, generator)
         prior = vits.expand(enc, durations)
         z = vits.flow_reverse(prior, noise_scale, g, generator)
+        return z, g, prior.lengths
+
+    def _finish_audio(self, audio: torch.Tensor) -> np.ndarray:
+        samples = audio.float().cpu().numpy().reshape(-1)
+        return np.clip(samples * self.gain, -1.0, 1.0) if self.gain != 1.0 else samples
+
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        utt = self.frontend.utterance(unit)
+        if len(utt.phonemes) == 0:
+            return
+        z, g, _ = self._latent([utt.ids], settings)
         for audio in self._decode(z, g, stream):
-            samples = audio.float().cpu().numpy().reshape(-1)
-            if self.gain != 1.0:
-                samples = np.clip(samples * self.gain, -1.0, 1.0)
-            yield samples
+            yield self._finish_audio(audio)
+
+    def synthesize_batch(self, units: list[str], settings: SynthesisSettings,
+                         voice: Any = None) -> list[np.ndarray]:
+        """Several units in one padded forward pass; audio per unit, trimmed to its own length."""
+        utts = [self.frontend.utterance(unit) for unit in units]
+        spoken = [k for k, utt in enumerate(utts) if len(utt.phonemes)]
+        out = [np.zeros(0, dtype=np.float32) for _ in units]
+        if not spoken:
+            return out
+        z, g, frames = self._latent([utts[k].ids for k in spoken], settings)
+        audio = self.vits.decode(z, g)
+        hop = self.vits.hop_length
+        for row, k in enumerate(spoken):
+            out[k] = self._finish_audio(audio[row, :int(frames[row]) * hop])
+        return out
 
     def _decode(self, z: torch.Tensor, g: torch.Tensor | None, stream: bool) -> Iterator[torch.Tensor]:
         """Whole latent at once, or (streaming) growing chunks with receptive-field context."""

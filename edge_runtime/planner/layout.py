@@ -1,0 +1,121 @@
+"""What the planner knows about a model: components, their blocks and each block's size.
+
+A *block* is the unit the planner places (one transformer layer, an embedding, a codec).
+Its ``name`` is the qualified module name inside the model (or a parameter name for a
+parameter owned directly by a module that also contains blocks), so a plan translates
+straight into an accelerate ``device_map``. Numbers are for the target dtype, not the
+dtype the model happens to be instantiated in (usually meta / fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 1024**3
+
+
+def gib(n_bytes: float) -> float:
+    """Bytes -> GiB, for messages and tables."""
+    return n_bytes / GIB
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str  # qualified module (or parameter) name in the model
+    component: str
+    index: int  # position inside its component
+    bytes: int  # parameters + buffers in the target dtype (tied tensors counted once)
+    params: int  # parameter count (tied counted once)
+    autoregressive: bool
+    compute_bytes: int  # bytes per element this block computes in (2 for bf16, 4 for fp32 parts)
+    kv_elems_per_token: int = 0  # self-attention K+V elements per token per sequence (AR only)
+    cross_kv_elems_per_token: int = 0  # cross-attention K+V elements per encoder token
+    # Parameters that do per-token arithmetic (every non-embedding parameter, tied ones included):
+    # an embedding lookup reads one row, so tables cost no compute in the FLOP estimate.
+    compute_params: int = 0
+    width: int = 0  # widest Linear/Conv/Embedding output in the block (activation heuristic)
+    has_attention: bool = False
+    tied_with: tuple[str, ...] = ()  # other blocks sharing a parameter with this one
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    name: str
+    autoregressive: bool
+    blocks: tuple[Block, ...]
+    # Elements alive per token at this component's activation peak (already includes the
+    # "a few copies" factor); set by layout_from_config where the generic guess is poor (codecs).
+    activation_width: int = 0
+    # Sequence length this component sees is min(request tokens, token_cap): e.g. CSM's depth
+    # decoder restarts every frame (32 codebooks), Dia's encoder reads at most 1024 text bytes.
+    token_cap: int | None = None
+    cross_token_cap: int | None = None
+    # Forward passes per request token: CSM's depth decoder runs once per codebook per frame.
+    passes_per_token: int = 1
+    fp32: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return sum(b.bytes for b in self.blocks)
+
+    def tokens(self, request_tokens: int) -> int:
+        return request_tokens if self.token_cap is None else min(request_tokens, self.token_cap)
+
+    def cross_tokens(self, request_tokens: int) -> int:
+        cap = self.cross_token_cap
+        return request_tokens if cap is None else min(request_tokens, cap)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    model_name: str
+    dtype: torch.dtype
+    components: tuple[ComponentLayout, ...]
+    # Heuristics turning the profile's text/prompt limits into a sequence length (see budget.py).
+    tokens_per_char: float = 1.0
+    prompt_tokens_per_s: float = 0.0
+    max_positions: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple(b for c in self.components for b in c.blocks)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def total_params(self) -> int:
+        return sum(b.params for b in self.blocks)
+
+    @property
+    def largest_block_bytes(self) -> int:
+        return max((b.bytes for b in self.blocks), default=0)
+
+    def component(self, name: str) -> ComponentLayout:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(f"no component {name!r}; have {[c.name for c in self.components]}")
+
+    def replace_component(self, name: str, **changes) -> "ModelLayout":
+        """A copy with one component's hints changed (token_cap, activation_width, ...)."""
+        self.component(name)  # raises on a typo
+        comps = tuple(dataclasses.replace(c, **changes) if c.name == name else c for c in self.components)
+        return dataclasses.replace(self, components=comps)
+
+    def with_hints(self, **changes) -> "ModelLayout":
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> str:
+        lines = [f"{self.model_name} ({str(self.dtype).replace('torch.', '')}): "
+                 f"{self.total_params / 1e6:.1f}M params, {gib(self.total_bytes):.2f} GiB"]
+        for c in self.components:
+            kind = "AR" if c.autoregressive else "non-AR"
+            lines.append(f"  {c.name:<16} {kind:<6} {len(c.blocks):>3} blocks {gib(c.bytes):7.3f} GiB"
+                         + (" fp32" if c.fp32 else ""))
+        return "\n".join(lines)
