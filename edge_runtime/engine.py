@@ -235,13 +235,34 @@ class Runtime:
         self.telemetry.close()
 
 
+def choose_device(profile: Any) -> tuple[str, Any]:
+    """CUDA when the profile is a GPU tier and torch sees a GPU, else the CPU; and the dtype policy's
+    choice for that device (a DtypeChoice with the reason)."""
+    from .dtypes import choose_dtype
+
+    requested = profile.precision.dtype
+    if profile.memory.vram_gib and torch.cuda.is_available():
+        return "cuda", choose_dtype(requested, "cuda", torch.cuda.get_device_capability(0))
+    cpu_bf16 = False
+    if requested == "bf16":  # only then is the CPU's ISA worth probing
+        from .hardware import probe
+
+        cpu_bf16 = probe().cpu.bf16_native
+    return "cpu", choose_dtype(requested, "cpu", cpu_bf16=cpu_bf16)
+
+
 def load(model: str | None = None, *, profile: str | None = None, overrides: tuple[str, ...] = (),
          telemetry: str | None = None) -> Runtime:
     """Resolve the profile, load `model` (default: the embedded Piper voice) and return a Runtime."""
+    from .dtypes import torch_dtype
     from .models import registry
     from .profiles import load_profile
 
     resolved = load_profile(profile, overrides)
     configure_threads(resolved.runtime.threads)  # before loading: weight prepacking uses them
-    adapter = registry.load(model)
-    return Runtime(adapter, resolved, telemetry_path=telemetry)
+    device, dtype = choose_device(resolved)
+    adapter = registry.load(model, device=device, dtype=torch_dtype(dtype.dtype),
+                            fp32_components=tuple(resolved.precision.fp32_components))
+    runtime = Runtime(adapter, resolved, telemetry_path=telemetry, device=device)
+    runtime.dtype = dtype
+    return runtime

@@ -29,8 +29,9 @@ TARGET_PEAK = 0.9
 class PiperModel(SpeechModel):
     supports_voice_prompt = False
 
-    def __init__(self, vits: Any, config: Any, model_id: str) -> None:
+    def __init__(self, vits: Any, config: Any, model_id: str, stage_dtypes: dict | None = None) -> None:
         self.vits = vits
+        self.stage_dtypes = stage_dtypes or {name: torch.float32 for name in self.components_of(vits)}
         self.config = config
         self.model_id = model_id
         self.sample_rate = config.sample_rate
@@ -47,18 +48,42 @@ class PiperModel(SpeechModel):
 
     @classmethod
     def load(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str,
-             device: str = "cpu", dtype: Any = None) -> PiperModel:
+             device: str = "cpu", dtype: torch.dtype | None = None,
+             fp32_components: tuple[str, ...] = ()) -> PiperModel:
         from .piper.weights_cache import load_piper_voice
 
         vits, config = load_piper_voice(onnx_path, config_path)
         vits = vits.to(device).eval()
+        for param in vits.parameters():  # weights are constants here: no autograd bookkeeping
+            param.requires_grad_(False)
+        stage_dtypes = cls.cast_components(vits, dtype or torch.float32, fp32_components)
         if hasattr(vits, "prepare_for_inference"):
-            vits.prepare_for_inference()
-        return cls(vits, config, model_id)
+            vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
+        return cls(vits, config, model_id, stage_dtypes)
+
+    @staticmethod
+    def components_of(vits: Any) -> dict[str, Any]:
+        return {"text_encoder": vits.text_encoder, "duration_predictor": vits.duration_predictor,
+                "flow": vits.flow, "decoder": vits.decoder}
+
+    @classmethod
+    def cast_components(cls, vits: Any, dtype: torch.dtype, fp32_components: tuple[str, ...]) -> dict:
+        """Each stage in `dtype`, except the fragile ones named in the profile, which stay fp32
+        (the VITS duration predictor's spline flows fail in fp16). Returns stage -> dtype."""
+        dtypes = {}
+        for name, module in cls.components_of(vits).items():
+            dtypes[name] = torch.float32 if name in fp32_components else dtype
+            module.to(dtypes[name])
+        return dtypes
 
     def components(self) -> dict[str, Any]:
-        return {"text_encoder": self.vits.text_encoder, "duration_predictor": self.vits.duration_predictor,
-                "flow": self.vits.flow, "decoder": self.vits.decoder}
+        return self.components_of(self.vits)
+
+    def _cast(self, stage: str, *tensors: torch.Tensor | None):
+        """The explicit precision boundary: floating inputs of `stage` in that stage's dtype."""
+        dtype = self.stage_dtypes[stage]
+        out = tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+        return out if len(out) > 1 else out[0]
 
     def speakers(self) -> list[str]:
         return sorted(self.config.speaker_id_map, key=self.config.speaker_id_map.get)
@@ -98,10 +123,13 @@ class PiperModel(SpeechModel):
         noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
         noise_scale = cfg.noise_scale if settings.noise_scale is None else settings.noise_scale
         enc = vits.encode(ids, lengths)
-        durations = vits.predict_durations(enc, noise_w, cfg.length_scale / settings.speed, g, generator)
-        prior = vits.expand(enc, durations)
-        z = vits.flow_reverse(prior, noise_scale, g, generator)
-        return z, g, prior.lengths
+        hidden, mask, g_dp = self._cast("duration_predictor", enc.hidden, enc.mask, g)
+        durations = vits.predict_durations(enc._replace(hidden=hidden, mask=mask), noise_w,
+                                           cfg.length_scale / settings.speed, g_dp, generator)
+        prior = vits.expand(enc, durations.float())
+        m, logs, fmask, g_flow = self._cast("flow", prior.m, prior.logs, prior.mask, g)
+        z = vits.flow_reverse(prior._replace(m=m, logs=logs, mask=fmask), noise_scale, g_flow, generator)
+        return self._cast("decoder", z), self._cast("decoder", g), prior.lengths
 
     def _finish_audio(self, audio: torch.Tensor) -> np.ndarray:
         samples = audio.float().cpu().numpy().reshape(-1)

@@ -65,13 +65,13 @@ def resolve(spec: str | None) -> ModelSpec:
         f"(default {DEFAULT_MODEL})")
 
 
-def load(spec: str | None, *, device: str = "cpu", dtype: Any = None) -> Any:
-    """Load the adapter for `spec` on `device`."""
+def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_components: tuple[str, ...] = ()) -> Any:
+    """Load the adapter for `spec` on `device`, in `dtype` except the components kept fp32."""
     resolved = resolve(spec)
     from .piper_adapter import PiperModel
 
     return PiperModel.load(resolved.path, resolved.config_path, model_id=resolved.model_id,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, fp32_components=fp32_components)
 
 
 def installed() -> list[dict[str, Any]]:
