@@ -20,7 +20,8 @@ from .errors import InvalidInputError, RequestFailedError
 from .memory import MemoryGovernor, is_oom_error
 from .models.base import SpeechModel, SynthesisSettings
 from .telemetry import RequestTelemetry, TelemetryLog
-from .voices import VoiceCache
+from .prompts import prepare_prompt
+from .voices import PreparedVoice, VoiceCache, voice_key
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Runtime:
         self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
         self.telemetry = TelemetryLog(telemetry_path)
         self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
+        self.inference_mode = True  # False only to measure the cost of autograd (soak's baseline)
         # Everything alive now (torch, the model) is permanent: later full collections skip it,
         # which makes per-request cleanup cost ~0.01 ms instead of ~50 ms.
         MemoryGovernor.freeze_baseline()
@@ -84,6 +86,39 @@ class Runtime:
         self.model.check_settings(settings)
         return settings
 
+    # -- voice prompts ----------------------------------------------------------------------
+    def prepare_voice(self, audio: Any, sample_rate: int | None = None,
+                      transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
+        """Prompt audio (bytes, a path, or samples with `sample_rate`) -> (voice id, prepared voice,
+        cache hit). The id is a content hash: the same clip again is a cache hit, never re-encoded."""
+        if not self.model.supports_voice_prompt:
+            raise InvalidInputError(f"{self.model.model_id} does not take voice prompts")
+        rate = getattr(self.model, "prompt_sample_rate", self.model.sample_rate)
+        clean = prepare_prompt(audio, rate, self.profile.limits.max_prompt_seconds, sample_rate=sample_rate)
+        key = voice_key(clean, rate, self.model.model_id, transcript)
+        with torch.inference_mode():
+            voice, hit = self.voice_cache.get_or_prepare(
+                key, lambda: self.model.prepare_voice(clean, rate, transcript))
+        return key, voice, hit
+
+    def _resolve_voice(self, voice: Any) -> tuple[PreparedVoice | None, str]:
+        """None, a PreparedVoice, a voice id from prepare_voice, or prompt audio -> (voice, cache status)."""
+        if voice is None:
+            return None, "none"
+        if isinstance(voice, PreparedVoice):
+            return voice, "none"
+        if isinstance(voice, tuple) and len(voice) == 2:  # (samples, sample_rate)
+            _, prepared, hit = self.prepare_voice(voice[0], voice[1])
+            return prepared, "hit" if hit else "miss"
+        if isinstance(voice, str) and not voice.endswith((".wav", ".flac", ".ogg", ".mp3")):
+            cached = self.voice_cache.get(voice)
+            if cached is None:
+                raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
+                                        f"evicted; the cache keeps {self.voice_cache.max_entries} voices)")
+            return cached, "hit"
+        _, prepared, hit = self.prepare_voice(voice)
+        return prepared, "hit" if hit else "miss"
+
     # -- synthesis --------------------------------------------------------------------------
     def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
         """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
@@ -92,7 +127,8 @@ class Runtime:
         units = self.model.split_text(text)
         if not units:
             raise InvalidInputError("text has nothing speakable after normalisation")
-        return self._run(units, opts, voice, stream=True)
+        prepared, status = self._resolve_voice(voice)
+        return self._run(units, opts, prepared, stream=True, cache_status=status)
 
     def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
         """The whole utterance as one float32 array, and its sample rate."""
@@ -101,13 +137,15 @@ class Runtime:
         units = self.model.split_text(text)
         if not units:
             raise InvalidInputError("text has nothing speakable after normalisation")
-        chunks = list(self._run(units, opts, voice, stream=False))
+        prepared, status = self._resolve_voice(voice)
+        chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return audio, self.sample_rate
 
-    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any, stream: bool) -> Iterator[np.ndarray]:
+    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any, stream: bool,
+             cache_status: str = "none") -> Iterator[np.ndarray]:
         record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id, "batch_size": 1,
-                  "voice_cache": "none" if voice is None else "hit"}
+                  "voice_cache": cache_status}
         start = time.perf_counter()
         first_audio = None
         samples = 0
@@ -134,7 +172,7 @@ class Runtime:
             steps = self.model.synthesize_unit(unit, opts, voice, stream=stream)
             try:
                 while True:
-                    with self._lock, torch.inference_mode():
+                    with self._lock, self._grad_context():
                         chunk = next(steps, None)
                     if chunk is None:
                         return
@@ -164,6 +202,7 @@ class Runtime:
             return [self.synthesize(text, voice=voice, **settings) for text in texts]
         opts = self._settings(**settings)
         units = [self.model.split_text(self._check_text(text)) for text in texts]
+        voice, status = self._resolve_voice(voice)
         flat = [(i, unit) for i, request_units in enumerate(units) for unit in request_units]
         size = max(1, max_batch or self.batch_size())
         outputs: list[list[np.ndarray]] = [[] for _ in texts]
@@ -180,7 +219,7 @@ class Runtime:
         finally:
             for chunks in outputs:
                 record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id,
-                          "batch_size": min(size, len(flat)), "voice_cache": "none"}
+                          "batch_size": min(size, len(flat)), "voice_cache": status}
                 self._finish(record, start, None, sum(len(c) for c in chunks), error)
         return [(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate)
                 for chunks in outputs]
@@ -191,7 +230,7 @@ class Runtime:
 
     def _forward_batch(self, units: list[str], opts: SynthesisSettings, voice: Any) -> list[np.ndarray]:
         try:
-            with self._lock, torch.inference_mode():
+            with self._lock, self._grad_context():
                 return self.model.synthesize_batch(units, opts, voice)
         except Exception as exc:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
             if not is_oom_error(exc):
@@ -199,7 +238,7 @@ class Runtime:
             self.governor.recover_from_oom()
             if len(units) == 1:
                 try:  # one retry after cleanup, as for a single request
-                    with self._lock, torch.inference_mode():
+                    with self._lock, self._grad_context():
                         return self.model.synthesize_batch(units, opts, voice)
                 except Exception as again:  # noqa: BLE001
                     if not is_oom_error(again):
@@ -224,6 +263,9 @@ class Runtime:
             rtf=latency / audio_s if audio_s else None, time_to_first_audio_s=first_audio,
             rss_bytes=snap.rss_bytes, cuda_allocated=snap.cuda_allocated, cuda_reserved=snap.cuda_reserved,
             cuda_peak=snap.cuda_peak, cleaned=cleanup.cleaned, error=error))
+
+    def _grad_context(self):
+        return torch.inference_mode() if self.inference_mode else torch.enable_grad()
 
     @property
     def last_telemetry(self) -> RequestTelemetry | None:

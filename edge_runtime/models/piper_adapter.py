@@ -27,7 +27,9 @@ TARGET_PEAK = 0.9
 
 
 class PiperModel(SpeechModel):
-    supports_voice_prompt = False
+    # No zero-shot cloning: a prompt picks the built-in speaker that sounds closest (speaker_match).
+    supports_voice_prompt = True
+    voice_prompt_kind = "nearest-speaker"
 
     def __init__(self, vits: Any, config: Any, model_id: str, stage_dtypes: dict | None = None) -> None:
         self.vits = vits
@@ -38,13 +40,42 @@ class PiperModel(SpeechModel):
         self.frontend = TextFrontend(config.espeak_voice, config.phoneme_id_map)
         self.context_frames = vits.decoder.receptive_field()
         self.gain = 1.0
+        self._speaker_prints: np.ndarray | None = None
         self.gain = self._calibrate_gain()
 
-    def _calibrate_gain(self) -> float:
+    def _calibration_audio(self, speaker: int | None) -> np.ndarray:
+        quiet = SynthesisSettings(noise_scale=0.0, noise_w=0.0, speaker=speaker)
         with torch.inference_mode():
-            quiet = SynthesisSettings(noise_scale=0.0, noise_w=0.0)
-            peak = max(float(np.abs(chunk).max()) for chunk in self.synthesize_unit(CALIBRATION_TEXT, quiet))
+            return np.concatenate(list(self.synthesize_unit(CALIBRATION_TEXT, quiet)))
+
+    def _calibrate_gain(self) -> float:
+        peak = float(np.abs(self._calibration_audio(None)).max())
         return TARGET_PEAK / peak if peak > 1e-4 else 1.0
+
+    # -- voice prompts -----------------------------------------------------------------------
+    def speaker_fingerprints(self) -> np.ndarray:
+        """[speakers, dims] fingerprints of each speaker reading the calibration sentence (computed
+        once, on the first prompt: about 50 ms per speaker)."""
+        if self._speaker_prints is None:
+            from ..speaker_match import fingerprint
+
+            n = self.config.num_speakers
+            ids = [None] if n <= 1 else list(range(n))
+            self._speaker_prints = np.stack([fingerprint(self._calibration_audio(i), self.sample_rate)
+                                             for i in ids])
+        return self._speaker_prints
+
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int, transcript: str | None = None):
+        """A clean prompt -> PreparedVoice naming the nearest built-in speaker and its similarity."""
+        from ..speaker_match import fingerprint, nearest
+        from ..voices import PreparedVoice
+
+        query = fingerprint(audio, sample_rate)
+        index, sims = nearest(query, self.speaker_fingerprints())
+        return PreparedVoice(tensors={"fingerprint": torch.from_numpy(query)}, model_id=self.model_id,
+                             sample_rate=sample_rate, transcript=transcript,
+                             extra={"kind": self.voice_prompt_kind, "speaker_id": index,
+                                    "similarity": round(float(sims[index]), 4)})
 
     @classmethod
     def load(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str,
@@ -101,6 +132,14 @@ class PiperModel(SpeechModel):
             raise InvalidInputError(f"unknown speaker {speaker!r} for {self.model_id}; allowed: {names}")
         return self.config.speaker_id_map[speaker]
 
+    def _with_voice(self, settings: SynthesisSettings, voice: Any) -> SynthesisSettings:
+        """A prepared prompt chooses the speaker unless the request names one."""
+        if voice is None or settings.speaker is not None or self.config.num_speakers <= 1:
+            return settings
+        from dataclasses import replace
+
+        return replace(settings, speaker=int(voice.extra["speaker_id"]))
+
     def check_settings(self, settings: SynthesisSettings) -> None:
         self._speaker_id(settings.speaker)
 
@@ -132,7 +171,7 @@ class PiperModel(SpeechModel):
         return self._cast("decoder", z), self._cast("decoder", g), prior.lengths
 
     def _finish_audio(self, audio: torch.Tensor) -> np.ndarray:
-        samples = audio.float().cpu().numpy().reshape(-1)
+        samples = audio.detach().float().cpu().numpy().reshape(-1)
         return np.clip(samples * self.gain, -1.0, 1.0) if self.gain != 1.0 else samples
 
     def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: Any = None,
@@ -140,7 +179,7 @@ class PiperModel(SpeechModel):
         utt = self.frontend.utterance(unit)
         if len(utt.phonemes) == 0:
             return
-        z, g, _ = self._latent([utt.ids], settings)
+        z, g, _ = self._latent([utt.ids], self._with_voice(settings, voice))
         for audio in self._decode(z, g, stream):
             yield self._finish_audio(audio)
 
@@ -152,7 +191,7 @@ class PiperModel(SpeechModel):
         out = [np.zeros(0, dtype=np.float32) for _ in units]
         if not spoken:
             return out
-        z, g, frames = self._latent([utts[k].ids for k in spoken], settings)
+        z, g, frames = self._latent([utts[k].ids for k in spoken], self._with_voice(settings, voice))
         audio = self.vits.decode(z, g)
         hop = self.vits.hop_length
         for row, k in enumerate(spoken):
