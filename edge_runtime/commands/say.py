@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--format", choices=sorted(audio.FORMATS), help="audio format (default: from -o suffix, else wav)")
     p.add_argument("--model", help="model: piper:NAME or a path to a Piper .onnx voice (default: embedded voice)")
     p.add_argument("--speaker", help="speaker name or index for multi-speaker voices")
+    p.add_argument("--voice", type=Path, help="voice prompt audio (WAV/FLAC/OGG/MP3); Piper voices pick their "
+                                              "closest built-in speaker")
+    p.add_argument("--voice-text", help="transcript of the voice prompt (models that use one)")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25-4.0 (default 1.0)")
     p.add_argument("--noise-scale", type=float, help="latent variation (voice default if omitted)")
     p.add_argument("--noise-w", type=float, help="duration variation (voice default if omitted)")
@@ -52,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     audio.check_format(fmt)
     speaker = int(args.speaker) if args.speaker and args.speaker.isdigit() else args.speaker
     rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry)
+    voice = None
+    if args.voice is not None:
+        _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)
     start = time.perf_counter()
-    samples, rate = rt.synthesize(text, speed=args.speed, noise_scale=args.noise_scale,
+    samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
                                   noise_w=args.noise_w, speaker=speaker, seed=args.seed)
     elapsed = time.perf_counter() - start
     path = audio.write(args.output, samples, rate, fmt)
