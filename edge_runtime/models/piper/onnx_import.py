@@ -44,6 +44,7 @@ def read_onnx(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dict[s
         raise VoiceLoadError(f"voice model {path} is not a readable ONNX file: {exc}") from None
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
     weights: dict[str, np.ndarray] = {}
     attrs: dict[str, dict[str, Any]] = {}
 
@@ -52,27 +53,19 @@ def read_onnx(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, dict[s
 
     for node in graph.node:
         module = _module_of(node.name)
-        if node.op_type in ("Conv", "ConvTranspose") and module:
+        if not module:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
             attrs[module] = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             for role, name in zip(("weight", "bias"), node.input[1:]):
                 if name in inits:
                     take(name, f"{module}.{role}")
-        elif node.op_type == "Gather" and module and node.input[0] in inits \
-                and len(inits[node.input[0]].dims) == 2 and module.endswith(("emb", "emb_g")):
+        elif node.op_type == "Gather" and module.endswith(("emb", "emb_g")) and node.input[0] in inits:
             take(node.input[0], f"{module}.weight")  # embedding tables (the phonemes' may be named 'sid')
-        elif node.op_type == "LessOrEqual" and module and module.startswith("dp.flows."):
-            bound = inits.get(node.input[1])
+        elif node.op_type == "LessOrEqual" and module.startswith("dp.flows."):  # the spline's tail bound
+            bound = inits.get(node.input[1], consts.get(node.input[1]))
             if bound is not None and numpy_helper.to_array(bound).size == 1:
                 attrs["dp"] = {"tail_bound": float(numpy_helper.to_array(bound))}
-    # tail bound may live in a Constant node instead of an initializer
-    if "dp" not in attrs:
-        consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-        for node in graph.node:
-            if node.op_type == "LessOrEqual" and node.name.startswith("/dp/flows.") and node.input[1] in consts:
-                value = numpy_helper.to_array(consts[node.input[1]].attribute[0].t)
-                if value.size == 1:
-                    attrs["dp"] = {"tail_bound": float(value)}
-                    break
     for name in inits:
         if _PARAM_NAME.match(name) and name not in weights:
             take(name, name)  # gamma/beta, emb_rel_*, dp.flows.0.m, ...

@@ -51,8 +51,9 @@ class RelativeAttention(nn.Module):
     def _band(x: torch.Tensor, w: int) -> torch.Tensor:
         """View of the 2w+1 diagonals of a [b, h, t, t + 2w] tensor whose columns are offset by w:
         band[..., i, o + w] is column i + o of the unpadded matrix (offsets -w..w)."""
-        b, h, t, width = x.shape
-        return x.as_strided((b, h, t, 2 * w + 1), (x.stride(0), x.stride(1), width + 1, 1))
+        b, h, t, _ = x.shape
+        s0, s1, s2, s3 = x.stride()
+        return x.as_strided((b, h, t, 2 * w + 1), (s0, s1, s2 + s3, s3), x.storage_offset())
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, d, t = x.shape
@@ -62,7 +63,7 @@ class RelativeAttention(nn.Module):
         v = self.conv_v(x).view(b, h, kc, t).transpose(2, 3)
         # Relative positions only matter within +-w (VITS zero-pads its tables beyond), so instead of
         # [t, 2t-1] logits and the pad-and-reshape trick we touch just the 2w+1 diagonals.
-        scores = F.pad(q @ k, (w, w)).contiguous()
+        scores = F.pad(q @ k, (w, w))
         self._band(scores, w).add_(q @ self.emb_rel_k.transpose(1, 2).unsqueeze(0))
         scores = scores[..., w:w + t]
         if attn_mask is not None:

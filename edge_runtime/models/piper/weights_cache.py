@@ -15,7 +15,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 
 from .config import PiperVoiceConfig, VitsHyperParams
 from .errors import VoiceLoadError
@@ -93,14 +92,17 @@ def _read_cached(path: Path, source: Path) -> PiperVits | None:
             model = PiperVits(hp)
         load_state(model, state, source)
         return model.eval()
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, VoiceLoadError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the cache is disposable: any damage means convert again
         log.warning("ignoring damaged weight cache %s (%s); converting %s again", path, exc, source)
         return None
 
 
 def load_piper_voice(onnx_path: str | Path, json_path: str | Path | None = None,
-                     cache_dir: str | Path | None = None) -> tuple[PiperVits, PiperVoiceConfig]:
-    """A Piper voice as (PiperVits in eval mode, its config); raises VoiceLoadError naming the problem."""
+                     cache_dir: str | Path | None = None, mode: str = "fast") -> tuple[PiperVits, PiperVoiceConfig]:
+    """A Piper voice as (PiperVits ready for inference in `mode`, its config).
+
+    Raises VoiceLoadError naming the file and the problem.
+    """
     onnx_path = Path(onnx_path)
     json_path = Path(json_path) if json_path is not None else onnx_path.with_name(onnx_path.name + ".json")
     if not onnx_path.is_file():
@@ -116,8 +118,9 @@ def load_piper_voice(onnx_path: str | Path, json_path: str | Path | None = None,
         model, hp = convert(onnx_path)
         config.check_against(hp, json_path)  # before caching: a mismatched pair must fail every time
         _save(model, hp, cached, onnx_path)
-    config.check_against(model.hparams, json_path)
-    return model, config
+    else:
+        config.check_against(model.hparams, json_path)
+    return model.prepare_for_inference(mode), config
 
 
 def _save(model: PiperVits, hp: VitsHyperParams, path: Path, source: Path) -> None:
