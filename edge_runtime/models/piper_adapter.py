@@ -83,7 +83,7 @@ class PiperModel(SpeechModel):
              fp32_components: tuple[str, ...] = ()) -> PiperModel:
         from .piper.weights_cache import load_piper_voice
 
-        vits, config = load_piper_voice(onnx_path, config_path)
+        vits, config = load_piper_voice(onnx_path, config_path, mode="eager")
         vits = vits.to(device).eval()
         for param in vits.parameters():  # weights are constants here: no autograd bookkeeping
             param.requires_grad_(False)

@@ -133,6 +133,8 @@ class PiperVits(nn.Module):
         if self.bucketing:
             ids = F.pad(ids, (0, bucket_length(width) - width))
         mask = sequence_mask(lengths, ids.shape[1])
+        if mask is not None:  # the mask multiplies activations: keep it in the encoder's precision
+            mask = mask.to(self.text_encoder.emb.weight.dtype)
         hidden, m, logs = self.text_encoder(ids, mask)
         return Encoded(hidden, m, logs, mask, lengths, width)
 

@@ -27,13 +27,10 @@ _INDEX = "sha256_index.json"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else $EDGE_RUNTIME_CACHE, else $XDG_CACHE_HOME/edge_runtime, else ~/.cache/edge_runtime."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("EDGE_RUNTIME_CACHE"):
-        return Path(os.environ["EDGE_RUNTIME_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edge_runtime"
+    """`cache_dir`, else the user cache dir ($EDGE_RUNTIME_CACHE_DIR, else $XDG_CACHE_HOME/edge_runtime)."""
+    from ...paths import cache_dir as user_cache_dir
+
+    return Path(cache_dir) if cache_dir is not None else user_cache_dir()
 
 
 def _atomic_write(path: Path, write) -> None:
