@@ -186,7 +186,7 @@ def test_snapshot_fragmentation_arithmetic():
     assert MemorySnapshot(1, cuda_allocated=0, cuda_reserved=0, cuda_peak=0).fragmentation == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_snapshot_on_cuda_reports_allocator_counters():
     gov = MemoryGovernor("per_request", device="cuda:0")
     x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda:0")

@@ -34,15 +34,13 @@ TOLERANCE = 1e-3
 
 
 def phoneme_ids(text: str) -> list[int]:
-    """Piper's id rule: ^ _ then every phoneme followed by _, then $ (all sentences joined)."""
-    phonemize = pytest.importorskip("piper_phonemize")
+    """Piper's id rule (^ _, each phoneme then _, $) over our espeak-ng front end, whose ids
+    tests/test_text.py checks against piper-tts's own phonemiser."""
+    from edge_runtime.text import TextFrontend
+
     id_map = json.loads(Path(voice.config_path()).read_text())["phoneme_id_map"]
-    ids = [*id_map["^"], *id_map["_"]]
-    for sentence in phonemize.phonemize_espeak(text, "en-us"):
-        for phoneme in sentence:
-            if phoneme in id_map:
-                ids += [*id_map[phoneme], *id_map["_"]]
-    return ids + id_map["$"]
+    frontend = TextFrontend("en-us", id_map)
+    return frontend.mapper.to_ids(frontend.phonemizer.phonemize(text))
 
 
 @pytest.fixture(scope="module")

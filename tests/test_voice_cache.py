@@ -180,7 +180,7 @@ def test_tensors_are_detached_and_on_the_cache_device():
     assert stored.tensors["f"].device.type == "cpu" and not stored.tensors["f"].requires_grad
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_tensors_moved_to_cuda_cache():
     stored = VoiceCache(4, 1 << 20, device="cuda").put("a", voice())
     assert stored.tensors["features"].is_cuda
