@@ -120,24 +120,24 @@ class Runtime:
         return prepared, "hit" if hit else "miss"
 
     # -- synthesis --------------------------------------------------------------------------
-    def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
-        """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
+    def _request(self, text: str, voice: Any, settings: dict) -> tuple[list[str], SynthesisSettings, Any, str]:
+        """Validate everything before any compute, so a bad request never reaches the model."""
         text = self._check_text(text)
         opts = self._settings(**settings)
         units = self.model.split_text(text)
         if not units:
             raise InvalidInputError("text has nothing speakable after normalisation")
         prepared, status = self._resolve_voice(voice)
+        return units, opts, prepared, status
+
+    def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
+        """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
+        units, opts, prepared, status = self._request(text, voice, settings)
         return self._run(units, opts, prepared, stream=True, cache_status=status)
 
     def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
         """The whole utterance as one float32 array, and its sample rate."""
-        text = self._check_text(text)
-        opts = self._settings(**settings)
-        units = self.model.split_text(text)
-        if not units:
-            raise InvalidInputError("text has nothing speakable after normalisation")
-        prepared, status = self._resolve_voice(voice)
+        units, opts, prepared, status = self._request(text, voice, settings)
         chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return audio, self.sample_rate

@@ -13,22 +13,8 @@ _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
 
 
-def _split_long(sentence: str, max_chars: int) -> list[str]:
-    """Greedy packing of clauses (or words, for a clause still too long) up to max_chars."""
-    pieces: list[str] = []
-    for clause in _CLAUSE_END.split(sentence):
-        if len(clause) <= max_chars:
-            pieces.append(clause)
-            continue
-        words, line = clause.split(" "), ""
-        for word in words:
-            if line and len(line) + 1 + len(word) > max_chars:
-                pieces.append(line)
-                line = word
-            else:
-                line = f"{line} {word}" if line else word
-        if line:
-            pieces.append(line)
+def _pack(pieces: list[str], max_chars: int) -> list[str]:
+    """Join consecutive pieces with spaces into chunks of at most max_chars (a longer piece alone)."""
     chunks, current = [], ""
     for piece in pieces:
         if current and len(current) + 1 + len(piece) > max_chars:
@@ -39,6 +25,14 @@ def _split_long(sentence: str, max_chars: int) -> list[str]:
     if current:
         chunks.append(current)
     return chunks
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    """Clauses packed up to max_chars; a clause still too long is packed word by word."""
+    pieces: list[str] = []
+    for clause in _CLAUSE_END.split(sentence):
+        pieces.extend([clause] if len(clause) <= max_chars else _pack(clause.split(" "), max_chars))
+    return _pack(pieces, max_chars)
 
 
 def split_sentences(text: str, max_chars: int = 300) -> list[str]:
