@@ -86,7 +86,7 @@ def test_doctor_json_fields(capsys):
     assert prof["name"] in list_profiles() and prof["chosen_by"] == "hardware" and prof["explanation"]
     assert report["dtype"]["resolved"] in ("bf16", "fp16", "fp32") and report["dtype"]["reason"]
     names = {p["name"]: p for p in report["packages"]}
-    for name in ("torch", "accelerate", "deepspeed", "transformers", "onnx", "phonemizer", "fastapi", "uvicorn"):
+    for name in ("torch", "accelerate", "deepspeed", "transformers", "onnx", "espeakng-loader", "fastapi", "uvicorn"):
         assert name in names, name
     assert names["torch"]["installed"]
     for row in names.values():
