@@ -264,3 +264,21 @@ def test_anonymous_onnx_names_are_mapped(tmp_path):
     assert attrs["flow.flows.0.enc.cond_layer"]["dilations"] == [1]
     with pytest.raises(VoiceLoadError, match="tiny.onnx: the weights do not look like a Piper VITS voice"):
         onnx_import.convert(path)
+
+
+def test_fast_flow_matches_reference_with_speaker_and_padding():
+    """FastFlow (folded gates, skips, flips, speaker bias) == Flow.reference inside the mask."""
+    import torch
+    from edge_runtime.models.piper.fast_flow import FastFlow
+    from edge_runtime.models.piper.flow import Flow
+
+    torch.manual_seed(0)
+    flow = Flow(192, 192, 5, [1, 2, 1, 1], 4, gin_channels=64).eval()
+    for p in flow.parameters():
+        p.data.normal_(0, 0.05)
+    z, g = torch.randn(2, 192, 100), torch.randn(2, 64, 1)
+    mask = torch.ones(2, 1, 100)
+    mask[1, :, 70:] = 0
+    with torch.inference_mode():
+        ref, out = flow.reference(z, mask, g) * mask, FastFlow(flow)(z, mask, g) * mask
+    assert (ref - out).abs().max() < 1e-4

@@ -80,8 +80,16 @@ class Flow(nn.Module):
             layers.append(CouplingLayer(channels, hidden, kernel_size, dilations, gin_channels, mean_only))
             layers.append(Flip())
         self.flows = nn.ModuleList(layers)
+        self.mean_only = mean_only
+        self.fast: nn.Module | None = None  # a FastFlow once PiperVits.prepare_for_inference ran
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(z, mask, g)
+        return self.reference(z, mask, g)
+
+    def reference(self, z: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain eager computation (the numerical reference for the fast path)."""
         for layer in reversed(self.flows):
             z = layer.reverse(z, mask, g)
         return z

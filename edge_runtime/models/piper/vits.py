@@ -21,6 +21,7 @@ from .config import VitsHyperParams
 from .decoder import Decoder
 from .duration import DurationPredictor
 from .fast_decoder import FastDecoder, bucket_length
+from .fast_flow import FastFlow
 from .flow import Flow
 from .text_encoder import TextEncoder, masked
 
@@ -111,6 +112,8 @@ class PiperVits(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         self.eval()
         self.decoder.fast = FastDecoder(self.decoder, tile_samples) if mode == "fast" else None
+        fast_flow = mode == "fast" and self.flow.mean_only
+        self.flow.fast = FastFlow(self.flow) if fast_flow else None
         self.bucketing = mode == "fast"
         self.optimization = mode
         return self
