@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from .memory import MemoryGovernor, is_oom_error
 from .models.base import SpeechModel, SynthesisSettings
 from .telemetry import RequestTelemetry, TelemetryLog
 from .prompts import prepare_prompt
-from .voices import PreparedVoice, VoiceCache, voice_key
+from .paths import data_dir
+from .voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +113,40 @@ class Runtime:
             _, prepared, hit = self.prepare_voice(voice[0], voice[1])
             return prepared, "hit" if hit else "miss"
         if isinstance(voice, str) and not voice.endswith((".wav", ".flac", ".ogg", ".mp3")):
-            cached = self.voice_cache.get(voice)
+            cached = self.voice_cache.get(voice) or self._from_library(voice)
             if cached is None:
                 raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
-                                        f"evicted; the cache keeps {self.voice_cache.max_entries} voices)")
+                                        f"evicted; the cache keeps {self.voice_cache.max_entries} voices; "
+                                        "save_voice() keeps one on disk)")
             return cached, "hit"
         _, prepared, hit = self.prepare_voice(voice)
         return prepared, "hit" if hit else "miss"
+
+    def voice_library(self) -> VoiceLibrary:
+        root = self.profile.voice_cache.library_dir
+        return VoiceLibrary(Path(root).expanduser() if root else data_dir() / "prepared_voices")
+
+    def save_voice(self, voice_id: str) -> Path:
+        """Keep a prepared voice on disk so it survives restarts (safetensors + JSON, no pickle)."""
+        voice = self.voice_cache.get(voice_id)
+        if voice is None:
+            raise InvalidInputError(f"voice {voice_id!r} is not prepared in this runtime")
+        library = self.voice_library()
+        library.save(voice_id, voice)
+        return library.root / f"{voice_id}.safetensors"
+
+    def _from_library(self, voice_id: str) -> PreparedVoice | None:
+        try:
+            library = self.voice_library()
+            if voice_id not in library:
+                return None
+            voice = library.load(voice_id, device=self.voice_cache.device)
+        except ValueError as exc:  # a malformed id or a damaged entry
+            raise InvalidInputError(f"voice {voice_id!r}: {exc}") from None
+        if voice.model_id != self.model.model_id:
+            raise InvalidInputError(f"voice {voice_id!r} was prepared for {voice.model_id}, "
+                                    f"not {self.model.model_id}")
+        return self.voice_cache.put(voice_id, voice)
 
     # -- synthesis --------------------------------------------------------------------------
     def _request(self, text: str, voice: Any, settings: dict) -> tuple[list[str], SynthesisSettings, Any, str]:

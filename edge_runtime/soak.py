@@ -55,13 +55,14 @@ class SoakResult:
     config: str
     settings: dict
     samples: list[RequestSample] = field(default_factory=list)
+    stopped: str | None = None  # why the configuration ended early (memory cap), if it did
 
     def summary(self, warmup: int) -> dict:
         lat = np.array([s.latency_s for s in self.samples]) * 1000
         rss = np.array([s.rss_mib for s in self.samples])
         after = rss[min(warmup, len(rss) - 1):]
         drift = (after[-1] - after[0]) / after[0] * 100 if len(after) else 0.0
-        return {"config": self.config, "requests": len(self.samples),
+        return {"config": self.config, "requests": len(self.samples), "stopped": self.stopped,
                 "first_ms": float(lat[0]), "median_ms": float(np.median(lat)),
                 "p95_ms": float(np.percentile(lat, 95)), "last20_median_ms": float(np.median(lat[-20:])),
                 "rss_start_mib": float(after[0]), "rss_end_mib": float(rss[-1]), "rss_max_mib": float(rss.max()),
@@ -102,8 +103,15 @@ def build_runtime(config: str, model: str | None, profile: str | None, overrides
     return runtime, (batch if batching else 1)
 
 
+def default_rss_cap() -> int:
+    """Half the machine's RAM: a leaking configuration stops there instead of meeting the OOM killer."""
+    import psutil
+
+    return psutil.virtual_memory().total // 2
+
+
 def run_config(config: str, requests: int, *, model: str | None = None, profile: str | None = None,
-               overrides: tuple[str, ...] = (), batch: int = 4,
+               overrides: tuple[str, ...] = (), batch: int = 4, rss_cap: int | None = None,
                progress: Callable[[str], None] = lambda line: None) -> SoakResult:
     runtime, batch_size = build_runtime(config, model, profile, overrides, batch)
     prompts = make_prompts(runtime, requests)
@@ -113,7 +121,14 @@ def run_config(config: str, requests: int, *, model: str | None = None, profile:
                                  "device": runtime.device})
     try:
         index = 0
+        cap = rss_cap or default_rss_cap()
         while index < requests:
+            rss = runtime.governor.snapshot().rss_bytes
+            if rss > cap:
+                result.stopped = (f"stopped after {index} requests: RSS {rss / 2**30:.1f} GiB passed the "
+                                  f"soak's cap of {cap / 2**30:.1f} GiB")
+                progress(f"{config}: {result.stopped}")
+                break
             group = range(index, min(requests, index + batch_size))
             texts = [SENTENCES[i % len(SENTENCES)] for i in group]
             start = time.perf_counter()
@@ -149,3 +164,19 @@ def _mib(value: int | None) -> float | None:
 
 def as_rows(results: list[SoakResult]) -> list[dict]:
     return [asdict(s) for r in results for s in r.samples]
+
+
+def run_config_isolated(config: str, requests: int, **kwargs) -> SoakResult:
+    """`run_config` in a fresh process, so one configuration's heap never colours the next one's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    kwargs.pop("progress", None)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_config, config, requests, progress=_print_progress, **kwargs).result()
+
+
+def _print_progress(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

@@ -27,7 +27,8 @@ def summary_markdown(results: list[SoakResult], warmup: int) -> str:
                      f"{s['p95_ms']:.1f} | {s['last20_median_ms']:.1f} | {s['rss_start_mib']:.1f} | "
                      f"{s['rss_end_mib']:.1f} | {s['rss_drift_pct']:+.2f} | {s['rss_max_mib']:.1f} | "
                      f"{s['cache_entries']} | {s['cache_mib']:.3f} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {r.config}: {r.stopped}" for r in results if r.stopped]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def per_request_markdown(results: list[SoakResult]) -> str:

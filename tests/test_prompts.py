@@ -90,3 +90,20 @@ def test_same_prompt_is_prepared_once(rt, speech):
 def test_unknown_voice_id(rt):
     with pytest.raises(InvalidInputError, match="unknown voice id"):
         rt.synthesize("hi", voice="0123456789abcdef")
+
+
+def test_saved_voice_survives_a_restart(tmp_path, speech):
+    overrides = (f"voice_cache.library_dir={tmp_path}",)
+    first = edge_runtime.load(profile="cpu", overrides=overrides)
+    audio, rate = speech
+    voice_id, voice, _ = first.prepare_voice(audio, rate)
+    path = first.save_voice(voice_id)
+    assert path.is_file()
+    first.close()
+    second = edge_runtime.load(profile="cpu", overrides=overrides)  # a fresh runtime, empty cache
+    try:
+        second.synthesize("From the library.", voice=voice_id)
+        assert second.last_telemetry.voice_cache == "hit"
+        assert second.voice_cache.get(voice_id).extra == voice.extra
+    finally:
+        second.close()

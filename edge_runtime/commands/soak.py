@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -21,6 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch", type=int, default=4, help="batch size of the batching configurations (default 4)")
     p.add_argument("--warmup", type=int, default=20, help="requests before the RSS drift is measured (default 20)")
     p.add_argument("--model", help="model to soak (default: the embedded voice)")
+    p.add_argument("--max-rss-gib", type=float, help="stop a configuration whose process RSS passes this "
+                                                     "(default: half the RAM)")
     p.add_argument("-o", "--out", type=Path, default=Path("out/soak"), help="output folder (default out/soak)")
     p.set_defaults(handler=run)
     return p
@@ -28,16 +29,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidInputError
-    from ..soak import run_config
+    from ..soak import run_config_isolated
     from ..soak_report import summary_markdown, write_report
 
     if args.requests < 1 or args.batch < 1:
         raise InvalidInputError("--requests and --batch must be at least 1")
     results = []
     for config in args.configs:
-        results.append(run_config(config, args.requests, model=args.model, profile=args.profile,
-                                  overrides=tuple(args.set or ()), batch=args.batch,
-                                  progress=lambda line: print(line, file=sys.stderr, flush=True)))
+        cap = int(args.max_rss_gib * 2**30) if args.max_rss_gib else None
+        results.append(run_config_isolated(config, args.requests, model=args.model, profile=args.profile,
+                                           overrides=tuple(args.set or ()), batch=args.batch, rss_cap=cap))
     meta = {"requests": args.requests, "batch": args.batch, "warmup": args.warmup,
             "model": args.model or "default", "profile": args.profile or "auto"}
     paths = write_report(results, args.out, args.warmup, meta)

@@ -65,8 +65,10 @@ class EspeakPhonemizer:
 
     def _clause_phonemes(self, clause: str) -> str:
         """All phonemes espeak produces for one clause (it may split it further)."""
-        buf = ctypes.create_string_buffer(clause.encode("utf-8"))
-        ptr = ctypes.c_void_p(ctypes.addressof(buf))
+        # c_char_p over the bytes (kept alive by `buf`): create_string_buffer would build a new
+        # ctypes array type, a reference cycle, for every distinct clause length.
+        buf = ctypes.c_char_p(clause.encode("utf-8"))
+        ptr = ctypes.c_void_p(ctypes.cast(buf, ctypes.c_void_p).value)
         parts = []
         while ptr.value:
             out = self._lib.espeak_TextToPhonemes(ctypes.byref(ptr), _ESPEAK_CHARS_UTF8, _PHONEMES_IPA)
