@@ -331,6 +331,10 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
 
     resolved = load_profile(profile, overrides)
     configure_threads(resolved.runtime.threads)  # before loading: weight prepacking uses them
+    if resolved.runtime.reuse_heap:
+        from .memory import reuse_heap
+
+        reuse_heap()  # process-wide and one-way: glibc keeps it for the life of the process
     device, dtype = choose_device(resolved)
     adapter = registry.load(model, device=device, dtype=torch_dtype(dtype.dtype),
                             fp32_components=tuple(resolved.precision.fp32_components))

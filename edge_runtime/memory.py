@@ -86,6 +86,23 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 _malloc_trim = _find_malloc_trim()
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def reuse_heap(limit_bytes: int = 1 << 30) -> bool:
+    """Make glibc keep freed buffers up to `limit_bytes` in the heap for reuse.
+
+    By default glibc serves each large tensor with a fresh mmap and unmaps it on free, so every
+    request page-faults all its activations again; on the CPU that measured 10-15% of synthesis
+    time. Kept pages make RSS settle at the working set's high-water mark instead (flat after
+    warm-up). Returns False where mallopt does not exist (musl, macOS, Windows)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
+
 
 def is_oom_error(exc: BaseException) -> bool:
     """True for errors that mean "an allocation failed", whichever allocator raised them."""

@@ -114,6 +114,7 @@ class RuntimeSection(Section):
     """Process-wide settings applied by the engine."""
 
     threads: int = key("an integer >= 0 (0 = every physical core)", ge=0)
+    reuse_heap: bool = key("true or false", default=False)
 
 
 class Profile(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import pytest
@@ -305,3 +306,14 @@ def test_injector_install_remove_for_long_runs():
     inj.remove()
     layer(torch.zeros(1, 2))
     assert inj.calls == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_reuse_heap_sets_glibc_thresholds():
+    from edge_runtime.memory import reuse_heap
+
+    try:
+        ctypes.CDLL(None).mallopt
+    except AttributeError:
+        pytest.skip("libc without mallopt (musl)")
+    assert reuse_heap(1 << 30) is True
