@@ -127,14 +127,14 @@ class Plan:
 
     def table(self) -> str:
         """Consecutive blocks of one component with one placement share a row."""
-        head = f"{'component':<16} {'blocks':>9} {'AR':<3} {'placement':<12} {'GiB':>7} {'KV GiB':>7} " \
+        head = f"{'component':<20} {'blocks':>9} {'AR':<3} {'placement':<12} {'GiB':>7} {'KV GiB':>7} " \
                f"{'+ms/req':>9} {'+ms/tok':>8}"
         lines = [head, "-" * len(head)]
         for rows in _runs(self.blocks):
             first, last = rows[0], rows[-1]
             span = str(first.index) if first is last else f"{first.index}-{last.index}"
             lines.append(
-                f"{first.component:<16} {span:>9} {'yes' if first.autoregressive else 'no':<3} "
+                f"{first.component:<20} {span:>9} {'yes' if first.autoregressive else 'no':<3} "
                 f"{first.placement:<12} {gib(sum(r.bytes for r in rows)):7.3f} "
                 f"{gib(sum(r.kv_bytes for r in rows)):7.3f} {1e3 * sum(r.extra_s for r in rows):9.1f} "
                 f"{1e3 * sum(r.extra_per_token_s for r in rows):8.2f}")

@@ -1,0 +1,75 @@
+"""`edge-runtime plan`: where each component of a model would live under a profile, and what it costs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="show the placement plan of a model under a profile",
+        description="Sizes the model's components in the profile's dtype, budgets the tier's VRAM and "
+                    "places every block: resident on the GPU, streamed from CPU/disk/NVMe, or computed on "
+                    "the CPU; prints bytes, predicted peak VRAM and predicted extra latency.")
+    p.add_argument("--model", help="model (default: the embedded voice)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--export", choices=["accelerate", "deepspeed"],
+                   help="print (or write with -o) an accelerate device map or a DeepSpeed ZeRO-3 config")
+    p.add_argument("-o", "--output", type=Path, help="file for --export")
+    p.set_defaults(handler=run)
+    return p
+
+
+def _planning_dtype(profile):
+    """The dtype the plan assumes: fp32 for the cpu tier, else the policy's choice on the GPU we
+    have, or on an Ampere-class card (bf16) when planning for a tier on a machine without one."""
+    import torch
+
+    from ..dtypes import choose_dtype, torch_dtype
+
+    if not profile.memory.vram_gib:
+        return torch.float32, "fp32 (cpu tier)"
+    cc = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (8, 0)
+    choice = choose_dtype(profile.precision.dtype, "cuda", cc)
+    return torch_dtype(choice.dtype), f"{choice.dtype} ({choice.reason}; compute capability {cc[0]}.{cc[1]})"
+
+
+def build_plan(model: str | None, profile):
+    from ..models import registry
+    from ..models.piper.weights_cache import load_piper_voice
+    from ..planner import compute_budget, describe_model, plan
+
+    spec = registry.resolve(model)
+    # Plain modules (mode "eager"): the fast paths' prepared copies are derived, not weights to place.
+    vits, _ = load_piper_voice(spec.path, spec.config_path, mode="eager")
+    dtype, why = _planning_dtype(profile)
+    components = {"text_encoder": vits.text_encoder, "duration_predictor": vits.duration_predictor,
+                  "flow": vits.flow, "decoder": vits.decoder}
+    layout = describe_model(vits, components, autoregressive=(), dtype=dtype,
+                            fp32_components=profile.precision.fp32_components)
+    return plan(layout, profile, compute_budget(profile, layout)), spec.model_id, why
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..profiles import load_profile
+
+    profile = load_profile(args.profile, tuple(args.set or ()))
+    result, model_id, why = build_plan(args.model, profile)
+    if args.export:
+        exported = (result.to_accelerate_device_map() if args.export == "accelerate"
+                    else result.to_deepspeed_config())
+        text = json.dumps(exported, indent=2)
+        if args.output:
+            args.output.write_text(text + "\n")
+            print(f"wrote {args.output}")
+        else:
+            print(text)
+        return 0
+    if args.json:
+        print(json.dumps({"model": model_id, "profile": profile.name, "dtype": why, **result.to_dict()}, indent=2))
+        return 0
+    print(f"model {model_id} under profile {profile.name}; dtype {why}")
+    print(result.table())
+    return 0
