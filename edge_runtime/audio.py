@@ -17,7 +17,6 @@ FORMATS = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
 }
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
 class AudioFormatError(InvalidInputError):

@@ -20,12 +20,21 @@ import torch
 from .errors import InvalidInputError, RequestFailedError
 from .memory import MemoryGovernor, is_oom_error
 from .models.base import SpeechModel, SynthesisSettings
-from .telemetry import RequestTelemetry, TelemetryLog
-from .prompts import prepare_prompt
 from .paths import data_dir
-from .voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
+from .prompts import prepare_prompt
+from .telemetry import RequestTelemetry, TelemetryLog
+from .voices import PreparedVoice, VoiceCache, VoiceLibrary, check_voice_id, voice_key
 
 log = logging.getLogger(__name__)
+
+
+def _is_voice_id(text: str) -> bool:
+    """Voice ids are content hashes; any other string is a prompt file path."""
+    try:
+        check_voice_id(text)
+    except ValueError:
+        return False
+    return True
 
 
 def configure_threads(threads: int) -> int:
@@ -43,10 +52,11 @@ class Runtime:
     """Synthesises speech with one model under one profile; safe to call from several threads."""
 
     def __init__(self, model: SpeechModel, profile: Any, *, telemetry_path: str | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", dtype: Any = None) -> None:
         self.model = model
         self.profile = profile
         self.device = device
+        self.dtype = dtype  # the dtype policy's choice (DtypeChoice), for reports
         self.threads = configure_threads(profile.runtime.threads)
         cleanup = profile.cleanup
         self.governor = MemoryGovernor(cleanup.policy, every_n=cleanup.every_n,
@@ -112,7 +122,7 @@ class Runtime:
         if isinstance(voice, tuple) and len(voice) == 2:  # (samples, sample_rate)
             _, prepared, hit = self.prepare_voice(voice[0], voice[1])
             return prepared, "hit" if hit else "miss"
-        if isinstance(voice, str) and not voice.endswith((".wav", ".flac", ".ogg", ".mp3")):
+        if isinstance(voice, str) and _is_voice_id(voice):
             cached = self.voice_cache.get(voice) or self._from_library(voice)
             if cached is None:
                 raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
@@ -257,7 +267,8 @@ class Runtime:
         configured = self.profile.batching.max_batch
         return configured if isinstance(configured, int) else 1
 
-    def _forward_batch(self, units: list[str], opts: SynthesisSettings, voice: Any) -> list[np.ndarray]:
+    def _forward_batch(self, units: list[str], opts: SynthesisSettings, voice: Any,
+                       retried: bool = False) -> list[np.ndarray]:
         try:
             with self._lock, self._grad_context():
                 return self.model.synthesize_batch(units, opts, voice)
@@ -265,21 +276,17 @@ class Runtime:
             if not is_oom_error(exc):
                 raise
             self.governor.recover_from_oom()
-            if len(units) == 1:
-                try:  # one retry after cleanup, as for a single request
-                    with self._lock, self._grad_context():
-                        return self.model.synthesize_batch(units, opts, voice)
-                except Exception as again:  # noqa: BLE001
-                    if not is_oom_error(again):
-                        raise
-                    self.governor.recover_from_oom()
-                    raise RequestFailedError(
-                        f"out of memory synthesising one sentence of {len(units[0])} characters even "
-                        "alone and after cleanup; try a smaller profile tier or shorter sentences") from again
-            half = len(units) // 2
-            log.warning("out of memory at batch %d; cleaned up, retrying as %d + %d", len(units), half,
-                        len(units) - half)
-            return self._forward_batch(units[:half], opts, voice) + self._forward_batch(units[half:], opts, voice)
+            if len(units) > 1:
+                half = len(units) // 2
+                log.warning("out of memory at batch %d; cleaned up, retrying as %d + %d", len(units), half,
+                            len(units) - half)
+                return (self._forward_batch(units[:half], opts, voice)
+                        + self._forward_batch(units[half:], opts, voice))
+            if retried:
+                raise RequestFailedError(
+                    f"out of memory synthesising one sentence of {len(units[0])} characters even alone "
+                    "and after cleanup; try a smaller profile tier or shorter sentences") from exc
+            return self._forward_batch(units, opts, voice, retried=True)  # once more, as for one request
 
     def _finish(self, record: dict, start: float, first_audio: float | None, samples: int,
                 error: str | None) -> None:
@@ -338,6 +345,4 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
     device, dtype = choose_device(resolved)
     adapter = registry.load(model, device=device, dtype=torch_dtype(dtype.dtype),
                             fp32_components=tuple(resolved.precision.fp32_components))
-    runtime = Runtime(adapter, resolved, telemetry_path=telemetry, device=device)
-    runtime.dtype = dtype
-    return runtime
+    return Runtime(adapter, resolved, telemetry_path=telemetry, device=device, dtype=dtype)

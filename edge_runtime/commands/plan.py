@@ -39,15 +39,14 @@ def _planning_dtype(profile):
 def build_plan(model: str | None, profile):
     from ..models import registry
     from ..models.piper.weights_cache import load_piper_voice
+    from ..models.piper_adapter import PiperModel
     from ..planner import compute_budget, describe_model, plan
 
     spec = registry.resolve(model)
     # Plain modules (mode "eager"): the fast paths' prepared copies are derived, not weights to place.
     vits, _ = load_piper_voice(spec.path, spec.config_path, mode="eager")
     dtype, why = _planning_dtype(profile)
-    components = {"text_encoder": vits.text_encoder, "duration_predictor": vits.duration_predictor,
-                  "flow": vits.flow, "decoder": vits.decoder}
-    layout = describe_model(vits, components, autoregressive=(), dtype=dtype,
+    layout = describe_model(vits, PiperModel.components_of(vits), autoregressive=(), dtype=dtype,
                             fp32_components=profile.precision.fp32_components)
     return plan(layout, profile, compute_budget(profile, layout)), spec.model_id, why
 

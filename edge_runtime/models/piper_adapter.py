@@ -38,9 +38,8 @@ class PiperModel(SpeechModel):
         self.model_id = model_id
         self.sample_rate = config.sample_rate
         self.frontend = TextFrontend(config.espeak_voice, config.phoneme_id_map)
-        self.context_frames = vits.decoder.receptive_field()
-        self.gain = 1.0
         self._speaker_prints: np.ndarray | None = None
+        self.gain = 1.0  # calibration synthesises through _finish_audio, which applies the gain
         self.gain = self._calibrate_gain()
 
     def _calibration_audio(self, speaker: int | None) -> np.ndarray:
@@ -88,8 +87,7 @@ class PiperModel(SpeechModel):
         for param in vits.parameters():  # weights are constants here: no autograd bookkeeping
             param.requires_grad_(False)
         stage_dtypes = cls.cast_components(vits, dtype or torch.float32, fp32_components)
-        if hasattr(vits, "prepare_for_inference"):
-            vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
+        vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
         return cls(vits, config, model_id, stage_dtypes)
 
     @staticmethod
@@ -180,7 +178,10 @@ class PiperModel(SpeechModel):
         if len(utt.phonemes) == 0:
             return
         z, g, _ = self._latent([utt.ids], self._with_voice(settings, voice))
-        for audio in self._decode(z, g, stream):
+        if not stream or z.shape[-1] <= FIRST_CHUNK_FRAMES * 2:
+            yield self._finish_audio(self.vits.decode(z, g))
+            return
+        for audio in self.vits.decode_chunks(z, g, FIRST_CHUNK_FRAMES, CHUNK_GROWTH):
             yield self._finish_audio(audio)
 
     def synthesize_batch(self, units: list[str], settings: SynthesisSettings,
@@ -197,20 +198,3 @@ class PiperModel(SpeechModel):
         for row, k in enumerate(spoken):
             out[k] = self._finish_audio(audio[row, :int(frames[row]) * hop])
         return out
-
-    def _decode(self, z: torch.Tensor, g: torch.Tensor | None, stream: bool) -> Iterator[torch.Tensor]:
-        """Whole latent at once, or (streaming) growing chunks with receptive-field context."""
-        frames = z.shape[-1]
-        if not stream or frames <= FIRST_CHUNK_FRAMES * 2:
-            yield self.vits.decode(z, g)
-            return
-        hop, ctx = self.vits.hop_length, self.context_frames
-        start, size = 0, FIRST_CHUNK_FRAMES
-        while start < frames:
-            end = min(frames, start + size)
-            if frames - end < size:  # fold a short tail into this chunk
-                end = frames
-            lo, hi = max(0, start - ctx), min(frames, end + ctx)
-            audio = self.vits.decode(z[..., lo:hi], g)
-            yield audio[..., (start - lo) * hop:(end - lo) * hop]
-            start, size = end, size * CHUNK_GROWTH

@@ -184,21 +184,25 @@ class PiperVits(nn.Module):
         """[B, C, F] -> [B, F * hop] waveform in [-1, 1]."""
         return self.decoder(z, g)
 
-    def decode_chunks(self, z: torch.Tensor, g: torch.Tensor | None = None,
-                      chunk_frames: int = 64) -> Iterator[torch.Tensor]:
-        """Decode `chunk_frames` frames at a time (for streaming); the pieces join into `decode(z)`.
-
-        Each piece is computed with the decoder's receptive field of context either side, so the
-        seams are exact (to float rounding), at the cost of that overlap's extra compute.
+    def decode_chunks(self, z: torch.Tensor, g: torch.Tensor | None = None, chunk_frames: int = 64,
+                      growth: int = 1) -> Iterator[torch.Tensor]:
+        """Decode `chunk_frames` frames first, each next chunk `growth` times larger (for streaming:
+        a small first chunk, then few seams); a tail shorter than the next chunk joins the current
+        one. The pieces join into `decode(z)`: each is computed with the decoder's receptive field of
+        context either side, so the seams are exact (to float rounding), at the cost of that overlap.
         """
         n = z.shape[-1]
         halo = self.decoder.receptive_field()
         hop = self.hop_length
-        for a in range(0, n, chunk_frames):
-            b = min(a + chunk_frames, n)
+        a, size = 0, chunk_frames
+        while a < n:
+            b = min(a + size, n)
+            if n - b < size * growth:  # fold a short tail into this chunk
+                b = n
             lo, hi = max(a - halo, 0), min(b + halo, n)
             audio = self.decode(z[..., lo:hi], g)
             yield audio[:, (a - lo) * hop:((b - lo) * hop if b < n else None)]
+            a, size = b, size * growth
 
     # -- all together ----------------------------------------------------------------------------
     @torch.inference_mode()
