@@ -53,7 +53,8 @@ class Precision(Section):
 class Offload(Section):
     """How the backend places components that do not fit in VRAM."""
 
-    backend: Literal["auto", "none", "accelerate", "deepspeed"] = key("auto, none, accelerate or deepspeed")
+    backend: Literal["auto", "none", "accelerate", "streamer", "deepspeed"] = key(
+        "auto, none, accelerate (its own hooks), streamer (accelerate-style hooks with prefetch) or deepspeed")
     target: Literal["cpu", "disk", "nvme"] = key("cpu, disk or nvme")
     pin_memory: bool = key("true or false")
     prefetch: int = key("an integer >= 0 (blocks fetched ahead; 0 = off)", ge=0)
@@ -63,10 +64,10 @@ class Offload(Section):
     @model_validator(mode="after")
     def _target_fits_backend(self) -> Offload:
         # accelerate streams from RAM or safetensors on disk; DeepSpeed ZeRO from RAM or NVMe.
-        bad = {"accelerate": "nvme", "deepspeed": "disk"}.get(self.backend)
+        bad = {"accelerate": "nvme", "streamer": "nvme", "deepspeed": "disk"}.get(self.backend)
         if self.target == bad:
             raise ValueError(f"offload.target {bad!r} does not work with offload.backend "
-                             f"{self.backend!r}; accelerate takes cpu|disk, deepspeed takes cpu|nvme")
+                             f"{self.backend!r}; accelerate and streamer take cpu|disk, deepspeed takes cpu|nvme")
         return self
 
 

@@ -256,7 +256,7 @@ def test_llama_1b_splits(llama_1b):
     result = plan(llama_1b, prof, budget, CostModel())
     kinds = {b.placement for b in result.blocks}
     assert "gpu" in kinds and kinds & {"cpu", "stream:cpu"}
-    assert result.backend == "accelerate"
+    assert result.backend == "streamer"
     # batch 1: a layer computes faster on the CPU than it crosses PCIe every token
     assert not any(b.placement.startswith("stream") for b in result.blocks if b.autoregressive)
     assert result.extra_latency_per_token_s > 0
@@ -378,7 +378,7 @@ def test_target_override_and_bad_combinations(dia):
     budget = compute_budget(prof, dia)
     result = plan(dia, prof, budget, CostModel(), target="disk")
     assert any(b.placement == "stream:disk" for b in result.blocks)
-    assert result.backend == "accelerate" and result.target == "disk"
+    assert result.backend == "streamer" and result.target == "disk"
     with pytest.raises(PlanError, match="nvme needs backend deepspeed"):
         plan(dia, profile(3, backend="accelerate", target="nvme"), budget)
     with pytest.raises(PlanError, match="offload.target"):

@@ -18,6 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description="Probe the machine, show which profile would be used and why, "
                                           "and list installed backends with pip commands for missing ones.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="also measure host<->GPU, offload-disk and memory-copy bandwidth (a few seconds) "
+                        "and save it for `edge-runtime plan`'s cost model")
+    p.add_argument("--bandwidth-mib", type=int, default=256, metavar="MIB",
+                   help="transfer size for --bandwidth (default 256)")
     p.set_defaults(handler=run)
     return p
 
@@ -97,11 +102,47 @@ def _print(r: dict[str, Any]) -> None:
         print("\nWarnings\n  " + "\n  ".join(r["warnings"]))
 
 
+def measure_bandwidth(offload_dir: Optional[str], size_mib: int = 256) -> dict[str, Any]:
+    """Measure (edge_runtime.bandwidth), save to the cache dir; the result plus ``saved_to``."""
+    from .. import bandwidth, paths
+    from ..errors import InvalidInputError
+
+    if size_mib < 1:
+        raise InvalidInputError(f"--bandwidth-mib must be at least 1, not {size_mib}")
+    result = bandwidth.measure(size_mib * bandwidth.MIB, disk_dir=paths.offload_dir(offload_dir))
+    try:
+        saved: Optional[str] = str(bandwidth.save(result))
+    except OSError as exc:  # an unwritable cache dir loses the file, not the figures
+        saved = None
+        result.notes.append(f"not saved: {exc}")
+    return {**result.to_dict(), "saved_to": saved}
+
+
+def _print_bandwidth(b: dict[str, Any]) -> None:
+    from ..bandwidth import Bandwidth
+
+    rows = Bandwidth.from_dict(b).rows()
+    print(f"\nBandwidth    {b['size_bytes'] // 2 ** 20} MiB transfers, median of {b['repeats']}; "
+          f"device {b['device']}")
+    for path, rate in rows:
+        print(f"  {path:<24} {rate}")
+    dropped = {True: "yes", False: "no", None: "unknown"}[b["disk_cache_dropped"]]
+    print(f"  disk tested at {b['disk_path'] or '-'}; page cache dropped: {dropped}")
+    for note in b["notes"]:
+        print(f"  note: {note}")
+    print(f"  saved to {b['saved_to']} (edge-runtime plan uses it)" if b["saved_to"] else "  not saved")
+
+
 def run(args: argparse.Namespace) -> int:
     report = collect(args.profile, args.set)
+    if getattr(args, "bandwidth", False):
+        offload_dir = report["profile"]["values"]["offload"].get("offload_dir")
+        report["bandwidth"] = measure_bandwidth(offload_dir, args.bandwidth_mib)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
         _print(report)
+        if "bandwidth" in report:
+            _print_bandwidth(report["bandwidth"])
     return 0

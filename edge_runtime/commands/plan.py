@@ -36,7 +36,10 @@ def _planning_dtype(profile):
     return torch_dtype(choice.dtype), f"{choice.dtype} ({choice.reason}; compute capability {cc[0]}.{cc[1]})"
 
 
-def build_plan(model: str | None, profile):
+def build_plan(model: str | None, profile, cost_model=None):
+    """(Plan, model id, dtype reason, cost model: rates and a note saying where they came from).
+    The cost model uses the saved `doctor --bandwidth` measurement where there is one."""
+    from ..bandwidth import cost_model_from_measurement
     from ..models import registry
     from ..models.piper.weights_cache import load_piper_voice
     from ..models.piper_adapter import PiperModel
@@ -48,14 +51,22 @@ def build_plan(model: str | None, profile):
     dtype, why = _planning_dtype(profile)
     layout = describe_model(vits, PiperModel.components_of(vits), autoregressive=(), dtype=dtype,
                             fp32_components=profile.precision.fp32_components)
-    return plan(layout, profile, compute_budget(profile, layout)), spec.model_id, why
+    if cost_model is None:
+        cost_model, cost_note = cost_model_from_measurement()
+    else:
+        cost_note = (f"cost model: host->device {cost_model.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+                     f"disk read {cost_model.disk_bytes_per_s / 1e9:.1f} GB/s (given by the caller)")
+    result = plan(layout, profile, compute_budget(profile, layout), cost_model)
+    cost = {"h2d_bytes_per_s": cost_model.h2d_bytes_per_s, "disk_bytes_per_s": cost_model.disk_bytes_per_s,
+            "note": cost_note}
+    return result, spec.model_id, why, cost
 
 
 def run(args: argparse.Namespace) -> int:
     from ..profiles import load_profile
 
     profile = load_profile(args.profile, tuple(args.set or ()))
-    result, model_id, why = build_plan(args.model, profile)
+    result, model_id, why, cost = build_plan(args.model, profile)
     if args.export:
         exported = (result.to_accelerate_device_map() if args.export == "accelerate"
                     else result.to_deepspeed_config())
@@ -67,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
             print(text)
         return 0
     if args.json:
-        print(json.dumps({"model": model_id, "profile": profile.name, "dtype": why, **result.to_dict()}, indent=2))
+        print(json.dumps({"model": model_id, "profile": profile.name, "dtype": why, "cost_model": cost,
+                          **result.to_dict()}, indent=2))
         return 0
     print(f"model {model_id} under profile {profile.name}; dtype {why}")
     print(result.table())
+    print(cost["note"])
     return 0

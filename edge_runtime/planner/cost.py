@@ -33,6 +33,8 @@ class CostModel:
     # with the measured figure (`edge-runtime doctor --bandwidth`) via with_measured_h2d().
     h2d_bytes_per_s: float = 22e9
     # Weights read from an offload folder on an SSD (accelerate's disk offload, safetensors mmap).
+    # `doctor --bandwidth` measures it too; edge_runtime.bandwidth.cost_model_from_measurement()
+    # applies both measured figures.
     disk_bytes_per_s: float = 1.5e9
     # Effective bf16/fp16 throughput of a mid-range consumer GPU (about half its tensor peak).
     gpu_flops: float = 20e12
@@ -48,6 +50,12 @@ class CostModel:
         if bytes_per_s <= 0:
             raise ValueError("measured bandwidth must be positive")
         return replace(self, h2d_bytes_per_s=float(bytes_per_s))
+
+    def with_measured_disk(self, bytes_per_s: float) -> "CostModel":
+        """The same model with a measured offload-folder read bandwidth (page cache dropped)."""
+        if bytes_per_s <= 0:
+            raise ValueError("measured bandwidth must be positive")
+        return replace(self, disk_bytes_per_s=float(bytes_per_s))
 
     def transfer_s(self, n_bytes: int, source: str, pinned: bool = True) -> float:
         """Seconds to bring ``n_bytes`` of weights onto the GPU from ``source`` (cpu|disk|nvme);

@@ -24,7 +24,7 @@ from .layout import Block, ModelLayout, gib
 from .plan import BlockPlacement, Plan, PlanError
 
 TARGETS = ("cpu", "disk", "nvme")
-BACKENDS = ("auto", "none", "accelerate", "deepspeed")
+BACKENDS = ("auto", "none", "accelerate", "streamer", "deepspeed")
 
 
 @dataclass
@@ -54,8 +54,8 @@ def plan(layout: ModelLayout, profile: Any, budget: Budget, cost_model: CostMode
         raise PlanError(f"offload.target must be one of {TARGETS}, not {target!r}")
     if backend not in BACKENDS:
         raise PlanError(f"offload.backend must be one of {BACKENDS}, not {backend!r}")
-    if backend == "accelerate" and target == "nvme":
-        raise PlanError("accelerate offloads to cpu or disk; offload.target nvme needs backend deepspeed or auto")
+    if backend in ("accelerate", "streamer") and target == "nvme":
+        raise PlanError(f"{backend} offloads to cpu or disk; offload.target nvme needs backend deepspeed or auto")
     opts = dict(prefetch=max(0, int(setting(profile, "offload.prefetch", 1))),
                 pinned=bool(setting(profile, "offload.pin_memory", True)))
     notes = list(layout.notes)
@@ -105,7 +105,7 @@ def plan(layout: ModelLayout, profile: Any, budget: Budget, cost_model: CostMode
             placed[b.name] = where
     offloaded = any(p != "gpu" for p in placed.values())
     if backend == "auto":
-        backend = "resident" if not offloaded else ("deepspeed" if deepspeed else "accelerate")
+        backend = "resident" if not offloaded else ("deepspeed" if deepspeed else "streamer")
     elif backend == "none":
         backend = "resident"
     streamed = [u for u in units if placed[u.blocks[0].name].startswith("stream:")]
@@ -114,7 +114,7 @@ def plan(layout: ModelLayout, profile: Any, budget: Budget, cost_model: CostMode
     inflight = (1 + prefetch) * max((u.bytes for u in streamed), default=0)
     if backend == "accelerate" and streamed and prefetch:
         notes.append("accelerate's own hooks do not prefetch: the latency figures assume the "
-                     "runtime's prefetching streamer")
+                     "runtime's prefetching streamer (offload.backend streamer or auto)")
     streamed_ar = [b.name for u in streamed for b in u.blocks if b.autoregressive and b.bytes]
     if streamed_ar:
         notes.append(f"{len(streamed_ar)} AR block(s) stream and pay their transfer on every token")

@@ -47,7 +47,7 @@ class Plan:
     model_name: str
     dtype: str
     blocks: tuple[BlockPlacement, ...]
-    backend: str  # resident | accelerate | deepspeed
+    backend: str  # resident | accelerate | streamer | deepspeed
     target: str  # cpu | disk | nvme: where streamed weights are kept
     prefetch: int  # blocks copied ahead of the one computing
     pin_memory: bool

@@ -1,0 +1,66 @@
+"""HF accelerate's own offload: a device map from the plan, ``dispatch_model`` and its
+AlignDevicesHook. Disk-offloaded blocks are read straight from the checkpoint (an offload index
+pointing into the .safetensors file, the route ``from_pretrained(device_map=...)`` takes), so
+nothing is copied to an offload folder. No prefetch: every offloaded block is loaded when its
+forward starts and dropped when it ends. This is the reference the streamer must beat."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from accelerate import dispatch_model
+from accelerate.hooks import remove_hook_from_submodules
+
+from .base import Backend, LoadedModel, LoadRequest, TransferStats
+from .checkpoint import Checkpoint
+from .loading import build_skeleton, check_complete, load_tensors, owner
+from .placement import cpu_compute_hooks, count_loads, device_map_for
+
+_TORCH_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class AccelerateBackend(Backend):
+    name = "accelerate"
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        ckpt = Checkpoint(request.checkpoint)
+        plan = request.plan
+        model = build_skeleton(request)
+        device_map = device_map_for(plan, request.device)
+        disk = [b for b, where in device_map.items() if where == "disk"]
+        index, loaded = {}, []
+        for name in ckpt.names():
+            block = owner(name, device_map)
+            if block in disk:
+                # accelerate reads the tensor from the checkpoint on every forward and casts it
+                dtype = request.dtype_for(name, torch.empty((), dtype=ckpt.entries[name].dtype))
+                index[name] = {"safetensors_file": str(ckpt.path), "weight_name": name,
+                               "dtype": _TORCH_DTYPE_NAME.get(dtype, str(dtype).replace("torch.", ""))}
+            else:
+                where = device_map.get(block, request.device)
+                loaded.append((name, "cpu" if where == "cpu" else request.device))
+        for name, where in loaded:
+            load_tensors(model, ckpt, [name], where, request)
+        check_complete(model, ckpt, skip=disk)
+        stats = TransferStats()
+        offloaded = {b.name: b.bytes for b in plan.blocks
+                     if device_map.get(b.name) == "disk"
+                     or (device_map.get(b.name) == "cpu" and request.device.type != "cpu"
+                         and b.placement != "cpu")}
+        # safetensors wants "cpu" or a CUDA index, not a torch.device, for where it reads to
+        main = "cpu" if request.device.type == "cpu" else (request.device.index or 0)
+        with warnings.catch_warnings():  # keys naming a root buffer are fine: it stays put
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+            dispatch_model(model, device_map=device_map, main_device=main,
+                           offload_index=index or None, offload_buffers=False)
+        cpu_compute_hooks(model, plan, request.device)
+        handles = count_loads(model, offloaded, stats)
+
+        def close() -> None:
+            for h in handles:
+                h.remove()
+            remove_hook_from_submodules(model)
+
+        return LoadedModel(model, self.name, plan, request.device, stats, close,
+                           details={"offloaded_blocks": len(offloaded), "prefetch": 0})
