@@ -307,7 +307,20 @@ class Runtime:
     def last_telemetry(self) -> RequestTelemetry | None:
         return self.telemetry.last()
 
+    @property
+    def placement(self) -> dict[str, Any]:
+        """How the model's weights are placed: backend, plan summary and transfer counters."""
+        loaded = getattr(self.model, "placement", None)
+        if loaded is None:
+            return {"backend": "resident", "device": self.device}
+        plan = loaded.plan
+        return {**loaded.describe(), "resident_bytes": plan.resident_bytes,
+                "streamed_bytes": plan.streamed_bytes, "target": plan.target,
+                "predicted_peak_vram_bytes": plan.peak_vram_bytes}
+
     def close(self) -> None:
+        if hasattr(self.model, "close"):
+            self.model.close()
         self.voice_cache.clear()
         MemoryGovernor.release_baseline()
         self.telemetry.close()
@@ -343,6 +356,15 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
 
         reuse_heap()  # process-wide and one-way: glibc keeps it for the life of the process
     device, dtype = choose_device(resolved)
+    plan, backend = None, "resident"
+    if resolved.memory.vram_gib:  # a GPU tier: place blocks as the planner says
+        from .planning import backend_for, plan_model
+
+        plan = plan_model(registry.resolve(model), resolved, torch_dtype(dtype.dtype))
+        backend = backend_for(resolved, plan)
+        log.info("plan for %s: backend %s, %d block(s) offloaded to %s", model or registry.DEFAULT_MODEL,
+                 backend, sum(b.placement != "gpu" for b in plan.blocks), plan.target)
     adapter = registry.load(model, device=device, dtype=torch_dtype(dtype.dtype),
-                            fp32_components=tuple(resolved.precision.fp32_components))
+                            fp32_components=tuple(resolved.precision.fp32_components),
+                            plan=plan, backend=backend, offload_dir=resolved.offload.offload_dir)
     return Runtime(adapter, resolved, telemetry_path=telemetry, device=device, dtype=dtype)

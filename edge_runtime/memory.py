@@ -104,6 +104,19 @@ def reuse_heap(limit_bytes: int = 1 << 30) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss it restarts at exec, so a child
+    process reports its own peak, not the parent's. 0 where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def is_oom_error(exc: BaseException) -> bool:
     """True for errors that mean "an allocation failed", whichever allocator raised them."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):

@@ -14,7 +14,7 @@ from accelerate.hooks import remove_hook_from_submodules
 
 from .base import Backend, LoadedModel, LoadRequest, TransferStats
 from .checkpoint import Checkpoint
-from .loading import build_skeleton, check_complete, load_tensors, owner
+from .loading import build_skeleton, check_complete, load_tensors, owner, split_name
 from .placement import cpu_compute_hooks, count_loads, device_map_for
 
 _TORCH_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -37,6 +37,7 @@ class AccelerateBackend(Backend):
                 dtype = request.dtype_for(name, torch.empty((), dtype=ckpt.entries[name].dtype))
                 index[name] = {"safetensors_file": str(ckpt.path), "weight_name": name,
                                "dtype": _TORCH_DTYPE_NAME.get(dtype, str(dtype).replace("torch.", ""))}
+                _retype_on_meta(model, name, dtype)
             else:
                 where = device_map.get(block, request.device)
                 loaded.append((name, "cpu" if where == "cpu" else request.device))
@@ -64,3 +65,14 @@ class AccelerateBackend(Backend):
 
         return LoadedModel(model, self.name, plan, request.device, stats, close,
                            details={"offloaded_blocks": len(offloaded), "prefetch": 0})
+
+
+def _retype_on_meta(model, name: str, dtype: torch.dtype) -> None:
+    """accelerate's hook casts each loaded tensor to the dtype of the placeholder it replaces, so
+    the meta placeholder must already carry the compute dtype."""
+    module, attr, is_param = split_name(model, name)
+    table = module._parameters if is_param else module._buffers
+    old = table[attr]
+    if old.dtype != dtype:
+        new = old.to("meta", dtype)
+        table[attr] = torch.nn.Parameter(new, requires_grad=False) if is_param else new

@@ -73,8 +73,9 @@ class LoadedModel:
 
     def __init__(self, model: nn.Module, backend: str, plan: Plan, device: torch.device,
                  stats: TransferStats | None = None, closer: Callable[[], None] | None = None,
-                 details: dict[str, Any] | None = None) -> None:
+                 details: dict[str, Any] | None = None, runtime_state: Any = None) -> None:
         self.model = model
+        self.runtime_state = runtime_state  # the backend's live object (streamer, engine), for inspection
         self.backend = backend
         self.plan = plan
         self.device = device

@@ -42,6 +42,8 @@ class Checkpoint:
         try:
             with self.path.open("rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
+                if size > self.path.stat().st_size - 8:
+                    raise ValueError(f"header length {size} exceeds the file")
                 header = json.loads(f.read(size))
         except FileNotFoundError:
             raise BackendError(f"checkpoint {self.path} does not exist") from None

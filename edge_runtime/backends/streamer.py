@@ -9,10 +9,10 @@ accelerate's hooks lack - the next block's weights are fetched while the current
   block is mapped with MAP_POPULATE in the worker: the page cache is filled and the page tables
   built before the block runs, and the weights are used in place, with no copy at all.
 * What comes next: learned from the order blocks actually ran (block -> the block that followed
-  it last time), starting from layout order, so AR loops (last layer -> first) and repeated calls
-  (a vocoder decoding chunk after chunk) are predicted after one pass.
-At most 1 + prefetch streamed blocks hold memory at a time; a block is dropped when its forward
-ends unless it is also the block predicted next.
+  it last time), starting from layout order, so AR loops (last layer -> first) are predicted after one pass; a block
+  seen running several times in a row (a vocoder decoding chunk after chunk) is kept until a
+  different block starts, instead of being reloaded per call.
+At most 1 + prefetch streamed blocks hold memory at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class WeightStreamer:
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch")
         self.next_of: dict[str, str] = {}
+        self.repeats: set[str] = set()  # blocks seen running twice in a row (chunked decoding)
         self.last: str | None = None
         self.inflight: dict[str, Future] = {}
         self.active: dict[str, _Fetched] = {}
@@ -107,8 +108,11 @@ class WeightStreamer:
 
     # -- hook entry points --------------------------------------------------------------------
     def acquire(self, name: str) -> None:
-        if self.last is not None and self.last != name:
+        if self.last == name:
+            self.repeats.add(name)
+        elif self.last is not None:
             self.next_of[self.last] = name
+            self._drop(self.last)  # a repeating block was kept after its forward: not needed now
         self.last = name
         fetched = self.active.get(name)
         if fetched is None:
@@ -132,8 +136,10 @@ class WeightStreamer:
                 self.inflight[nxt] = self.pool.submit(self._fetch, nxt)
 
     def release(self, name: str) -> None:
-        if self.next_of.get(name) == name:
-            return  # runs again right away (chunked decoding): keep it
+        if name not in self.repeats:  # a repeating block stays until another block starts
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
         fetched = self.active.pop(name, None)
         if fetched is None:
             return
@@ -151,8 +157,7 @@ class WeightStreamer:
             future.cancel()
         self.pool.shutdown(wait=True)
         for name in list(self.active):
-            self.next_of.pop(name, None)
-            self.release(name)
+            self._drop(name)
         self.inflight.clear()
 
 
@@ -241,7 +246,8 @@ class StreamerBackend(Backend):
         return LoadedModel(model, self.name, plan, request.device, stats, close,
                            details={"streamed_blocks": len(blocks), "prefetch": streamer.prefetch,
                                     "store": str(store.path) if store else "ram",
-                                    "pinned": cuda and plan.pin_memory})
+                                    "pinned": cuda and plan.pin_memory},
+                           runtime_state=streamer)
 
 
 def _buffers_to(model: nn.Module, device: torch.device, skip) -> None:

@@ -31,8 +31,12 @@ class PiperModel(SpeechModel):
     supports_voice_prompt = True
     voice_prompt_kind = "nearest-speaker"
 
-    def __init__(self, vits: Any, config: Any, model_id: str, stage_dtypes: dict | None = None) -> None:
+    def __init__(self, vits: Any, config: Any, model_id: str, stage_dtypes: dict | None = None,
+                 device: str | torch.device | None = None, placement: Any = None) -> None:
         self.vits = vits
+        # Offloaded weights sit on meta between uses: the execution device is stated, not inferred.
+        self.device = torch.device(device) if device is not None else next(vits.parameters()).device
+        self.placement = placement  # the backend's LoadedModel (None: loaded resident directly)
         self.stage_dtypes = stage_dtypes or {name: torch.float32 for name in self.components_of(vits)}
         self.config = config
         self.model_id = model_id
@@ -88,7 +92,42 @@ class PiperModel(SpeechModel):
             param.requires_grad_(False)
         stage_dtypes = cls.cast_components(vits, dtype or torch.float32, fp32_components)
         vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
-        return cls(vits, config, model_id, stage_dtypes)
+        return cls(vits, config, model_id, stage_dtypes, device=device)
+
+    @classmethod
+    def load_placed(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str, plan: Any,
+                    backend: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                    fp32_components: tuple[str, ...] = (), offload_dir: str | None = None) -> PiperModel:
+        """Load through an offload backend, block by block from the cached safetensors weights, as
+        ``plan`` places them. The stages run as plain modules ("eager"): the fast paths derive
+        prepared copies of the weights, which would defeat offloading."""
+        from ..backends import LoadRequest, load_model
+        from .piper.vits import PiperVits, skip_weight_init
+        from .piper.weights_cache import cached_weights
+
+        path, config, hp = cached_weights(onnx_path, config_path)
+
+        def build() -> PiperVits:
+            with skip_weight_init():
+                return PiperVits(hp)
+
+        dtype = dtype or torch.float32
+        request = LoadRequest(build=build, checkpoint=path, plan=plan, device=torch.device(device),
+                              dtype=dtype, fp32_modules=tuple(fp32_components),
+                              offload_dir=Path(offload_dir).expanduser() if offload_dir else None)
+        loaded = load_model(request, backend)
+        vits = loaded.model
+        for param in vits.parameters():
+            param.requires_grad_(False)
+        vits.prepare_for_inference("fast" if loaded.backend == "resident" else "eager")
+        stage_dtypes = {name: torch.float32 if name in fp32_components else dtype
+                        for name in cls.components_of(vits)}
+        return cls(vits, config, model_id, stage_dtypes, device=device, placement=loaded)
+
+    def close(self) -> None:
+        """Release what the backend holds (hooks, memory maps, prefetch thread)."""
+        if self.placement is not None:
+            self.placement.close()
 
     @staticmethod
     def components_of(vits: Any) -> dict[str, Any]:
@@ -147,7 +186,7 @@ class PiperModel(SpeechModel):
     def _latent(self, id_lists: list[tuple[int, ...]], settings: SynthesisSettings):
         """Phoneme ids (a batch, padded) -> decoder input z, speaker conditioning, frames per item."""
         cfg, vits = self.config, self.vits
-        device = next(vits.parameters()).device
+        device = self.device
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -156,7 +195,7 @@ class PiperModel(SpeechModel):
         for row, item in enumerate(id_lists):
             ids[row, :len(item)] = torch.tensor(item, dtype=torch.long)
         lengths = torch.tensor([len(item) for item in id_lists], dtype=torch.long, device=device)
-        g = vits.speaker(self._speaker_id(settings.speaker), len(id_lists))
+        g = vits.speaker(self._speaker_id(settings.speaker), len(id_lists), device)
         noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
         noise_scale = cfg.noise_scale if settings.noise_scale is None else settings.noise_scale
         enc = vits.encode(ids, lengths)

@@ -65,11 +65,17 @@ def resolve(spec: str | None) -> ModelSpec:
         f"(default {DEFAULT_MODEL})")
 
 
-def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_components: tuple[str, ...] = ()) -> Any:
-    """Load the adapter for `spec` on `device`, in `dtype` except the components kept fp32."""
+def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_components: tuple[str, ...] = (),
+         plan: Any = None, backend: str = "resident", offload_dir: str | None = None) -> Any:
+    """Load the adapter for `spec` on `device`, in `dtype` except the components kept fp32; with a
+    `plan` and a `backend` other than resident, placed block by block as the plan says."""
     resolved = resolve(spec)
     from .piper_adapter import PiperModel
 
+    if plan is not None and backend != "resident":
+        return PiperModel.load_placed(resolved.path, resolved.config_path, model_id=resolved.model_id,
+                                      plan=plan, backend=backend, device=device, dtype=dtype,
+                                      fp32_components=fp32_components, offload_dir=offload_dir)
     return PiperModel.load(resolved.path, resolved.config_path, model_id=resolved.model_id,
                            device=device, dtype=dtype, fp32_components=fp32_components)
 

@@ -119,11 +119,13 @@ class PiperVits(nn.Module):
         return self
 
     # -- stages ----------------------------------------------------------------------------------
-    def speaker(self, speaker_id: torch.Tensor | int | None, batch: int) -> torch.Tensor | None:
-        """Speaker conditioning g [B, gin, 1]; None for single-speaker voices."""
+    def speaker(self, speaker_id: torch.Tensor | int | None, batch: int,
+                device: torch.device | None = None) -> torch.Tensor | None:
+        """Speaker conditioning g [B, gin, 1]; None for single-speaker voices. ``device``: where the
+        model computes (the table itself may be offloaded between uses)."""
         if self.speaker_embedding is None:
             return None
-        device = self.speaker_embedding.weight.device
+        device = device or self.speaker_embedding.weight.device
         sid = torch.as_tensor(0 if speaker_id is None else speaker_id, dtype=torch.long, device=device)
         sid = sid.reshape(-1).expand(batch) if sid.numel() == 1 else sid.reshape(batch)
         n = self.speaker_embedding.num_embeddings

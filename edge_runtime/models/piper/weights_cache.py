@@ -129,3 +129,34 @@ def _save(model: PiperVits, hp: VitsHyperParams, path: Path, source: Path) -> No
         _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     except OSError as exc:
         log.warning("could not cache converted weights at %s (%s); the next load converts again", path, exc)
+
+
+def cached_weights(onnx_path: str | Path, json_path: str | Path | None = None,
+                   cache_dir: str | Path | None = None) -> tuple[Path, PiperVoiceConfig, VitsHyperParams]:
+    """The voice's safetensors weight file (converting the ONNX once if needed), its config and
+    hyperparameters: what the offload backends load from, block by block, without first building
+    the whole model in memory."""
+    from safetensors import safe_open
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise VoiceLoadError(f"voice model {onnx_path} does not exist")
+    folder = cache_root(cache_dir) / "piper"
+    path = folder / f"{file_sha256(onnx_path, folder)}.safetensors"
+    for attempt in range(2):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("format") == FORMAT:
+                break
+        except Exception:  # noqa: BLE001 - absent or damaged: (re)convert below
+            pass
+        if attempt:
+            raise VoiceLoadError(f"cannot cache the weights of {onnx_path} at {path} (is the cache "
+                                 "folder writable? set EDGE_RUNTIME_CACHE_DIR)")
+        load_piper_voice(onnx_path, json_path, cache_dir, mode="eager")  # converts and caches
+    hp = VitsHyperParams.from_json(meta["hparams"])
+    json_path = Path(json_path) if json_path is not None else onnx_path.with_name(onnx_path.name + ".json")
+    config = PiperVoiceConfig.from_json(json_path)
+    config.check_against(hp, json_path)
+    return path, config, hp
