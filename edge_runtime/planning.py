@@ -42,8 +42,13 @@ def model_layout(spec: Any, dtype: torch.dtype, fp32_components=()):
 
 def plan_model(spec: Any, profile: Any, dtype: torch.dtype | None = None,
                cost_model: CostModel | None = None) -> Plan:
-    """Place ``spec`` under ``profile`` (planner.plan raises PlanError when nothing fits)."""
+    """Place ``spec`` under ``profile`` (planner.plan raises PlanError when nothing fits). The cost
+    model defaults to the saved `doctor --bandwidth` measurement, else the FACTS figures."""
     dtype = dtype or planning_dtype(profile)[0]
+    if cost_model is None:
+        from .bandwidth import cost_model_from_measurement
+
+        cost_model = cost_model_from_measurement()[0]
     layout = model_layout(spec, dtype, tuple(profile.precision.fp32_components))
     return plan(layout, profile, compute_budget(profile, layout), cost_model)
 

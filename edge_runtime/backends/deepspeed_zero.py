@@ -242,14 +242,12 @@ def _add(stats: TransferStats, nbytes: int, module: nn.Module, args: Any) -> Non
 def _close(engines: list, handles: list, model: nn.Module, destroy: bool) -> None:
     for handle in handles:
         handle.remove()
+    # ZeRO-3's destroy() removes its fetch hooks. InferenceEngine's only frees kernel-injection
+    # workspace and fails when there is none (our case), so that engine is just dropped.
+    if destroy and engines:
+        engines[0].destroy()
+    engines.clear()  # our last reference to the engine
     handles.clear()
-    while engines:
-        engine = engines.pop()
-        # ZeRO-3's destroy() removes its fetch hooks and frees its buffers. InferenceEngine's
-        # only frees kernel-injection workspace, and fails when there is none (our case).
-        if destroy:
-            engine.destroy()
-        del engine
     # The caller may still hold the model, and with it every weight (ZeRO-3 partitions hang off
     # the parameters, and its parameter dicts would gather them again on access): empty them all.
     for tensor in [*model.parameters(), *model.buffers()]:

@@ -22,41 +22,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _planning_dtype(profile):
-    """The dtype the plan assumes: fp32 for the cpu tier, else the policy's choice on the GPU we
-    have, or on an Ampere-class card (bf16) when planning for a tier on a machine without one."""
-    import torch
-
-    from ..dtypes import choose_dtype, torch_dtype
-
-    if not profile.memory.vram_gib:
-        return torch.float32, "fp32 (cpu tier)"
-    cc = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (8, 0)
-    choice = choose_dtype(profile.precision.dtype, "cuda", cc)
-    return torch_dtype(choice.dtype), f"{choice.dtype} ({choice.reason}; compute capability {cc[0]}.{cc[1]})"
-
-
 def build_plan(model: str | None, profile, cost_model=None):
     """(Plan, model id, dtype reason, cost model: rates and a note saying where they came from).
     The cost model uses the saved `doctor --bandwidth` measurement where there is one."""
     from ..bandwidth import cost_model_from_measurement
     from ..models import registry
-    from ..models.piper.weights_cache import load_piper_voice
-    from ..models.piper_adapter import PiperModel
-    from ..planner import compute_budget, describe_model, plan
+    from ..planning import plan_model, planning_dtype
 
     spec = registry.resolve(model)
-    # Plain modules (mode "eager"): the fast paths' prepared copies are derived, not weights to place.
-    vits, _ = load_piper_voice(spec.path, spec.config_path, mode="eager")
-    dtype, why = _planning_dtype(profile)
-    layout = describe_model(vits, PiperModel.components_of(vits), autoregressive=(), dtype=dtype,
-                            fp32_components=profile.precision.fp32_components)
+    dtype, why = planning_dtype(profile)
     if cost_model is None:
         cost_model, cost_note = cost_model_from_measurement()
     else:
         cost_note = (f"cost model: host->device {cost_model.h2d_bytes_per_s / 1e9:.1f} GB/s, "
                      f"disk read {cost_model.disk_bytes_per_s / 1e9:.1f} GB/s (given by the caller)")
-    result = plan(layout, profile, compute_budget(profile, layout), cost_model)
+    result = plan_model(spec, profile, dtype, cost_model)
     cost = {"h2d_bytes_per_s": cost_model.h2d_bytes_per_s, "disk_bytes_per_s": cost_model.disk_bytes_per_s,
             "note": cost_note}
     return result, spec.model_id, why, cost

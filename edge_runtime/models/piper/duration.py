@@ -95,7 +95,7 @@ class ConvFlow(nn.Module):
         self.convs = DDSConv(filter_channels, kernel_size, n_layers, dilations)
         self.proj = nn.Conv1d(filter_channels, self.half * (num_bins * 3 - 1), 1)
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
         x0, x1 = x.split(self.half, dim=1)
         h = self.convs(self.pre(x0), mask, g)
         h = masked(self.proj(h), mask)
@@ -113,12 +113,12 @@ class ElementwiseAffine(nn.Module):
         self.m = nn.Parameter(torch.zeros(channels, 1))
         self.logs = nn.Parameter(torch.zeros(channels, 1))
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
         return masked((x - self.m) * torch.exp(-self.logs), mask)
 
 
 class Flip(nn.Module):
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None = None, g: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, g: torch.Tensor | None = None):
         return torch.flip(x, [1])
 
 
@@ -151,7 +151,9 @@ class DurationPredictor(nn.Module):
             x = x + self.cond(g)
         x = masked(self.proj(self.convs(x, mask)), mask)
         z = noise
+        # Inference runs the flows in reverse; each flow's forward IS its reverse pass, and it is
+        # called as a module so offload hooks (accelerate, DeepSpeed) see its weights being used.
         for flow in reversed(self.flows):
             if not isinstance(flow, Unused):
-                z = flow.reverse(z, mask, x)
+                z = flow(z, mask, x)
         return z[:, :1]

@@ -57,7 +57,7 @@ class CouplingLayer(nn.Module):
         self.enc = WaveNet(hidden, kernel_size, dilations, gin_channels)
         self.post = nn.Conv1d(hidden, self.half * (1 if mean_only else 2), 1)
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
         x0, x1 = x.split(self.half, dim=1)
         h = self.enc(masked(self.pre(x0), mask), mask, g)
         stats = masked(self.post(h), mask)
@@ -91,5 +91,5 @@ class Flow(nn.Module):
     def reference(self, z: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
         """The plain eager computation (the numerical reference for the fast path)."""
         for layer in reversed(self.flows):
-            z = layer.reverse(z, mask, g)
+            z = layer(z, mask, g)  # as a module: offload hooks see it (its forward is the reverse pass)
         return z
