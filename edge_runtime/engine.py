@@ -292,6 +292,9 @@ class Runtime:
                 error: str | None) -> None:
         latency = time.perf_counter() - start
         audio_s = samples / self.sample_rate
+        placement = getattr(self.model, "placement", None)
+        if placement is not None:  # streamed blocks kept for repeated calls go back between requests
+            placement.end_request()
         snap = self.governor.snapshot()  # before cleanup: cleanup resets the CUDA peak
         cleanup = self.governor.after_request()
         self.telemetry.record(RequestTelemetry(
@@ -309,7 +312,8 @@ class Runtime:
 
     @property
     def placement(self) -> dict[str, Any]:
-        """How the model's weights are placed: backend, plan summary and transfer counters."""
+        """How the model's weights are placed: backend, plan summary and transfer counters
+        (``bytes_moved`` counts since load: subtract two readings for one request)."""
         loaded = getattr(self.model, "placement", None)
         if loaded is None:
             return {"backend": "resident", "device": self.device}

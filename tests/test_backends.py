@@ -143,6 +143,8 @@ def test_streamer_learns_order_and_bounds_memory(checkpoint, ids):
     expected_model.load_state_dict(load_file(str(checkpoint)))
     with torch.inference_mode():
         assert torch.equal(out, expected_model.eval()(ids))
+    loaded.end_request()  # the repeating block is not kept between requests
+    assert f"blocks.{SHAPE['layers'] - 1}" not in streamer.active
     loaded.close()
     assert all(p.device.type == "meta" for p in loaded.model.blocks[0].parameters())
 

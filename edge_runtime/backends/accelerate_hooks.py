@@ -6,6 +6,7 @@ forward starts and dropped when it ends. This is the reference the streamer must
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -51,10 +52,15 @@ class AccelerateBackend(Backend):
                          and b.placement != "cpu")}
         # safetensors wants "cpu" or a CUDA index, not a torch.device, for where it reads to
         main = "cpu" if request.device.type == "cpu" else (request.device.index or 0)
-        with warnings.catch_warnings():  # keys naming a root buffer are fine: it stays put
-            warnings.filterwarnings("ignore", message="The following device_map keys do not match")
-            dispatch_model(model, device_map=device_map, main_device=main,
-                           offload_index=index or None, offload_buffers=False)
+        quiet = logging.getLogger("accelerate.big_modeling")  # "some parameters are on meta": by design
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with warnings.catch_warnings():  # keys naming a root buffer are fine: it stays put
+                warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+                dispatch_model(model, device_map=device_map, main_device=main,
+                               offload_index=index or None, offload_buffers=False)
+        finally:
+            quiet.level = level
         cpu_compute_hooks(model, plan, request.device)
         handles = count_loads(model, offloaded, stats)
 

@@ -83,6 +83,13 @@ class LoadedModel:
         self.details = details or {}
         self._closer = closer
 
+    def end_request(self) -> None:
+        """A request finished: blocks kept for repeated calls within it are released, so between
+        requests only the plan's resident blocks hold device memory."""
+        hook = getattr(self.runtime_state, "end_request", None)
+        if hook is not None:
+            hook()
+
     def close(self) -> None:
         if self._closer is not None:
             closer, self._closer = self._closer, None

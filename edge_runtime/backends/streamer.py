@@ -11,7 +11,7 @@ accelerate's hooks lack - the next block's weights are fetched while the current
 * What comes next: learned from the order blocks actually ran (block -> the block that followed
   it last time), starting from layout order, so AR loops (last layer -> first) are predicted after one pass; a block
   seen running several times in a row (a vocoder decoding chunk after chunk) is kept until a
-  different block starts, instead of being reloaded per call.
+  different block starts or the request ends, instead of being reloaded per call.
 At most 1 + prefetch streamed blocks hold memory at a time.
 """
 
@@ -151,6 +151,12 @@ class WeightStreamer:
             value = fetched.tensors[key]
             _set(slot, nn.Parameter(value, requires_grad=False) if slot.is_param else value)
         self.active[name] = fetched
+
+    def end_request(self) -> None:
+        """Drop blocks kept for repeated calls; prefetched ones stay (they start the next request)."""
+        for name in [n for n in self.active if n in self.repeats]:
+            self._drop(name)
+        self.last = None  # the next request's first block is not a repeat of this one's last
 
     def close(self) -> None:
         for future in self.inflight.values():

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     voice = None
     if args.voice is not None:
         _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)
+    moved_before = rt.placement.get("bytes_moved", 0)
     start = time.perf_counter()
     samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
                                   noise_w=args.noise_w, speaker=speaker, seed=args.seed)
@@ -67,4 +68,12 @@ def run(args: argparse.Namespace) -> int:
     rtf = elapsed / duration if duration else float("nan")
     print(f"wrote {path} ({duration:.2f} s of audio at {rate} Hz, {fmt}); "
           f"synthesis {elapsed:.2f} s, real-time factor {rtf:.3f}")
+    placed = rt.placement
+    if placed["backend"] != "resident":
+        mib = 1024 * 1024
+        print(f"placement: backend {placed['backend']} on {placed['device']}, "
+              f"{placed['resident_bytes'] / mib:.0f} MiB resident, {placed['streamed_bytes'] / mib:.0f} MiB "
+              f"streamed from {placed['target']}; "
+              f"{(placed['bytes_moved'] - moved_before) / mib:.0f} MiB moved in this request")
+    rt.close()
     return 0
