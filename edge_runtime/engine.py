@@ -347,7 +347,7 @@ def choose_device(profile: Any) -> tuple[str, Any]:
 
 
 def load(model: str | None = None, *, profile: str | None = None, overrides: tuple[str, ...] = (),
-         telemetry: str | None = None) -> Runtime:
+         telemetry: str | None = None, allow_download: bool = False) -> Runtime:
     """Resolve the profile, load `model` (default: the embedded Piper voice) and return a Runtime."""
     from .dtypes import torch_dtype
     from .models import registry
@@ -360,15 +360,18 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
 
         reuse_heap()  # process-wide and one-way: glibc keeps it for the life of the process
     device, dtype = choose_device(resolved)
+    spec = registry.resolve(model, allow_download=allow_download)
     plan, backend = None, "resident"
-    if resolved.memory.vram_gib:  # a GPU tier: place blocks as the planner says
+    # A GPU tier places blocks as the planner says; transformers models always load from a plan
+    # (on the cpu tier a CPU-only one), the embedded voice on the CPU loads directly (fast start).
+    if resolved.memory.vram_gib or spec.kind != "piper":
         from .planning import backend_for, plan_model
 
-        plan = plan_model(registry.resolve(model), resolved, torch_dtype(dtype.dtype))
+        plan = plan_model(spec, resolved, torch_dtype(dtype.dtype))
         backend = backend_for(resolved, plan)
         log.info("plan for %s: backend %s, %d block(s) offloaded to %s", model or registry.DEFAULT_MODEL,
                  backend, sum(b.placement != "gpu" for b in plan.blocks), plan.target)
-    adapter = registry.load(model, device=device, dtype=torch_dtype(dtype.dtype),
+    adapter = registry.load(spec, device=device, dtype=torch_dtype(dtype.dtype),
                             fp32_components=tuple(resolved.precision.fp32_components),
                             plan=plan, backend=backend, offload_dir=resolved.offload.offload_dir)
     return Runtime(adapter, resolved, telemetry_path=telemetry, device=device, dtype=dtype)

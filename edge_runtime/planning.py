@@ -29,6 +29,11 @@ def model_layout(spec: Any, dtype: torch.dtype, fp32_components=()):
     """The layout of a resolved model spec, measured on a meta skeleton."""
     from accelerate import init_empty_weights
 
+    if spec.kind == "hf":
+        from .models.hf.base import adapter_class, read_config
+
+        config = read_config(spec.path)
+        return adapter_class(config).layout(config, dtype, fp32_components)
     from .models.piper.vits import PiperVits
     from .models.piper.weights_cache import cached_weights
     from .models.piper_adapter import PiperModel

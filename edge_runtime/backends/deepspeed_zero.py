@@ -29,7 +29,8 @@ from .base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
 INSTALL_HINT = "pip install 'edge-runtime[deepspeed]'"
 
 _owns_group = False  # this module initialised torch.distributed (shutdown() may destroy it)
-_env_set: list[str] = []  # environment variables set for that group, unset by shutdown()
+_env_set: list[str] = []
+_OWNER_VAR = "EDGE_RUNTIME_DS_GROUP_PID"  # which process set the single-rank group variables  # environment variables set for that group, unset by shutdown()
 
 
 class DeepSpeedBackend(Backend):
@@ -107,10 +108,15 @@ def _ensure_process_group(deepspeed, device: torch.device) -> None:
     if created:
         wanted = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "RANK": "0", "WORLD_SIZE": "1",
                   "LOCAL_RANK": str(device.index or 0) if device.type == "cuda" else "0"}
+        # Variables a parent process set for ITS group (marked with its pid) are not a launcher's:
+        # a child reusing that MASTER_PORT would collide with the parent's rendezvous.
+        inherited = os.environ.get(_OWNER_VAR) not in (None, str(os.getpid()))
         for key, value in wanted.items():
-            if key not in os.environ:
+            if key not in os.environ or inherited:
                 os.environ[key] = value or str(_free_port())
                 _env_set.append(key)
+        os.environ[_OWNER_VAR] = str(os.getpid())
+        _env_set.append(_OWNER_VAR)
     # no-op when already initialised, but still gives deepspeed.comm a handle on a launcher's group
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     _owns_group = _owns_group or created

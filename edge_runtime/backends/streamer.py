@@ -17,6 +17,8 @@ At most 1 + prefetch streamed blocks hold memory at a time.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,7 +70,11 @@ class WeightStreamer:
         self.stats = stats
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch")
+        # On the CPU the prefetch thread competes with compute for the same cores; at the lowest
+        # priority it uses the cycles compute leaves idle (and I/O waits), never a compute core.
+        # On CUDA it only queues copies, so it keeps normal priority.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-prefetch",
+                                       initializer=None if self.cuda else _lowest_priority)
         self.next_of: dict[str, str] = {}
         self.repeats: set[str] = set()  # blocks seen running twice in a row (chunked decoding)
         self.last: str | None = None
@@ -165,6 +171,13 @@ class WeightStreamer:
         for name in list(self.active):
             self._drop(name)
         self.inflight.clear()
+
+
+def _lowest_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+    except (AttributeError, OSError):
+        pass
 
 
 def _set(slot: _Slot, value: torch.Tensor) -> None:

@@ -41,8 +41,10 @@ def _embedded_voice(name: str) -> ModelSpec | None:
     return ModelSpec("piper", f"piper:{name}", Path(module.model_path()), Path(module.config_path()))
 
 
-def resolve(spec: str | None) -> ModelSpec:
-    """`piper:NAME` (embedded or in the voices dir), or a path to a Piper `.onnx` voice."""
+def resolve(spec: str | None, allow_download: bool = False) -> ModelSpec:
+    """`piper:NAME` (embedded or in the voices dir), a path to a Piper `.onnx` voice, or a
+    transformers speech model: a folder made by save_pretrained, or a hub id in the local HF cache
+    (downloaded only with `allow_download`)."""
     spec = spec or DEFAULT_MODEL
     if spec.startswith("piper:"):
         name = spec.split(":", 1)[1]
@@ -60,16 +62,28 @@ def resolve(spec: str | None) -> ModelSpec:
         if not path.is_file():
             raise ModelNotFoundError(f"voice file {path} does not exist")
         return ModelSpec("piper", f"piper:{path.stem}", path)
+    from .hf.source import locate, looks_like_hub_id
+
+    if path.exists() or looks_like_hub_id(spec):
+        return ModelSpec("hf", spec, locate(spec, allow_download))
     raise ModelNotFoundError(
-        f"unknown model {spec!r}: expected 'piper:NAME' or a path to a Piper .onnx voice "
-        f"(default {DEFAULT_MODEL})")
+        f"unknown model {spec!r}: expected 'piper:NAME', a path to a Piper .onnx voice, a model folder "
+        f"or a Hugging Face hub id such as sesame/csm-1b (default {DEFAULT_MODEL})")
 
 
 def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_components: tuple[str, ...] = (),
          plan: Any = None, backend: str = "resident", offload_dir: str | None = None) -> Any:
     """Load the adapter for `spec` on `device`, in `dtype` except the components kept fp32; with a
     `plan` and a `backend` other than resident, placed block by block as the plan says."""
-    resolved = resolve(spec)
+    resolved = spec if isinstance(spec, ModelSpec) else resolve(spec)
+    if resolved.kind == "hf":
+        from .hf.base import adapter_class, read_config
+
+        if plan is None:
+            raise ValueError("transformers models are loaded from a plan (planning.plan_model)")
+        cls = adapter_class(read_config(resolved.path))
+        return cls.load(resolved.path, model_id=resolved.model_id, plan=plan, backend=backend, device=device,
+                        dtype=dtype, fp32_components=fp32_components, offload_dir=offload_dir)
     from .piper_adapter import PiperModel
 
     if plan is not None and backend != "resident":
