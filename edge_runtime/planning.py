@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 from .planner import CostModel, Plan, compute_budget, describe_model, plan
+from .planner.configs import CODEC_ACTIVATION_COPIES
+
+PIPER_FRAMES_PER_PHONEME = 7  # 86 frames/s at 22.05 kHz over ~12 phonemes/s of read speech
 
 
 def planning_dtype(profile: Any) -> tuple[torch.dtype, str]:
@@ -41,8 +44,13 @@ def model_layout(spec: Any, dtype: torch.dtype, fp32_components=()):
     _, _, hp = cached_weights(spec.path, spec.config_path)
     with init_empty_weights(include_buffers=False):
         skeleton = PiperVits(hp)
-    return describe_model(skeleton, PiperModel.components_of(skeleton), autoregressive=(), dtype=dtype,
-                          fp32_components=fp32_components)
+    layout = describe_model(skeleton, PiperModel.components_of(skeleton), autoregressive=(), dtype=dtype,
+                            fp32_components=fp32_components)
+    # Tokens are phonemes, but the HiFi-GAN decoder's peak is per output sample: ~3 tensors of
+    # (last-stage channels x samples), at ~7 latent frames per phoneme of read speech.
+    last_channels = hp.upsample_initial_channel // 2 ** len(hp.upsample_rates)
+    width = CODEC_ACTIVATION_COPIES * PIPER_FRAMES_PER_PHONEME * hp.hop_length * last_channels
+    return layout.replace_component("decoder", activation_width=width)
 
 
 def plan_model(spec: Any, profile: Any, dtype: torch.dtype | None = None,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 STACK = dict(vocab=256, hidden=1024, ffn=4096, layers=12)  # 12 x 32 MiB blocks in fp32
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the "
         "wick, polished the great lens, and watched the ships pass safely through the channel.")
-PIPER_TIER = ("memory.vram_gib=0.09", "memory.reserve_gib=0", "batching.max_batch=1",
+PIPER_TIER = ("memory.vram_gib=0.25", "memory.reserve_gib=0", "batching.max_batch=1",
               "offload.keep_resident=[]", "precision.dtype=fp32")
 
 

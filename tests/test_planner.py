@@ -182,9 +182,12 @@ def test_budget_kv_cache_formula(llama_1b):
 
 
 def test_budget_tokens_from_profile_limits(csm):
-    b = compute_budget(profile(8, chars=500, prompt_s=10), csm)
-    assert b.tokens == math.ceil(500 * csm.tokens_per_char + 10 * csm.prompt_tokens_per_s)
-    assert compute_budget(profile(8, chars=10**6), csm).tokens == csm.max_positions
+    b = compute_budget(profile(8, chars=200, prompt_s=10), csm)
+    assert b.tokens == math.ceil(200 * csm.tokens_per_char + 10 * csm.prompt_tokens_per_s)
+    # one sentence at a time: a longer request text budgets one sentence of at most 300 characters
+    long = compute_budget(profile(8, chars=10**6, prompt_s=10), csm)
+    assert long.tokens == math.ceil(300 * csm.tokens_per_char + 10 * csm.prompt_tokens_per_s)
+    assert compute_budget(profile(8, chars=10**6, prompt_s=10**4), csm).tokens == csm.max_positions
 
 
 def test_cost_model_per_token_for_ar(llama_1b):

@@ -67,9 +67,13 @@ class Budget:
 
 
 def request_tokens(profile: Any, layout: ModelLayout) -> int:
-    """Worst-case request length in model tokens from the profile's limits: max_text_chars and
-    max_prompt_seconds through the layout's per-model rates, capped at the model's positions."""
-    chars = float(setting(profile, "limits.max_text_chars", DEFAULT_TEXT_CHARS))
+    """Worst-case sequence in model tokens: one sentence (the engine synthesises sentence by
+    sentence, none longer than MAX_SENTENCE_CHARS, nor than limits.max_text_chars) plus
+    max_prompt_seconds of voice prompt, through the layout's per-model rates, capped at the
+    model's positions."""
+    from ..text.sentences import MAX_SENTENCE_CHARS
+
+    chars = min(float(setting(profile, "limits.max_text_chars", DEFAULT_TEXT_CHARS)), MAX_SENTENCE_CHARS)
     prompt_s = float(setting(profile, "limits.max_prompt_seconds", 0))
     tokens = math.ceil(chars * layout.tokens_per_char + prompt_s * layout.prompt_tokens_per_s)
     if layout.max_positions:

@@ -24,6 +24,9 @@ SPEECH_CHARS_PER_S = 14.0
 TEXT_TOKENS_PER_CHAR = 0.25
 # Dia's audio codec is DAC at 44.1 kHz with a hop of 512 samples -> ~86 frames per second.
 DIA_FRAMES_PER_S = 44100 / 512
+# Pocket TTS's flow head integrates each frame's latent in num_flow_steps Euler steps; the
+# released checkpoints' generation config uses 1 (transformers' default too).
+POCKET_TTS_FLOW_STEPS = 1
 # Conv codecs decode to samples: at their last stage ~3 tensors of (channels x samples) are alive.
 CODEC_ACTIVATION_COPIES = 3
 
@@ -106,6 +109,32 @@ def _dac(model, config, dtype, fp32_components) -> ModelLayout:
         tokens_per_char=DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S, prompt_tokens_per_s=DIA_FRAMES_PER_S)
 
 
+def _pocket_tts(model, config, dtype, fp32_components) -> ModelLayout:
+    """Pocket TTS: one causal transformer over voice-prompt latents, text tokens and generated
+    latents (one step per audio frame), whose last hidden state conditions a flow head that turns
+    noise into the frame's latent (also once per frame: AR, one position per call). Its audio
+    tokenizer (the codec encoding prompts and decoding latents) is a separate
+    PocketTTSAudioTokenizerModel held by the processor, not part of this layout."""
+    backbone = model.model
+    components = {
+        # run at every step too: the step's placeholder id, the BOS latent and the previous latent
+        "embeddings": [backbone.embed_tokens, backbone.audio_prompt_proj, backbone.audio_latent_proj],
+        "decoder": [*backbone.layers, backbone.norm, model.eos_head],
+        "flow_head": model.flow_head,  # one block: _no_split_modules keeps it whole
+    }
+    layout = describe_model(model, components, {"embeddings", "decoder", "flow_head"}, dtype, fp32_components)
+    layout = layout.replace_component("flow_head", token_cap=1, passes_per_token=POCKET_TTS_FLOW_STEPS)
+    frame_rate = float(config.frame_rate)
+    return layout.with_hints(
+        # the prompt holds the text tokens, then one position per generated frame
+        tokens_per_char=frame_rate / SPEECH_CHARS_PER_S + TEXT_TOKENS_PER_CHAR,
+        prompt_tokens_per_s=frame_rate,  # one position per voice-prompt latent; no transcript
+        max_positions=int(config.max_position_embeddings),
+        notes=("Pocket TTS's audio tokenizer is a separate PocketTTSAudioTokenizerModel the processor "
+               "holds (kept fp32 on the execution device): size it with layout_from_config("
+               "PocketTTSAudioTokenizerConfig(...), PocketTTSAudioTokenizerModel) and budget it too",))
+
+
 def _generic(model, config, dtype, fp32_components) -> ModelLayout:
     """Any transformers model: each ModuleList of ``_no_split_modules`` layers is a component;
     embeddings, norms and heads land in ``other``. Decoder-only models are AR throughout;
@@ -131,4 +160,5 @@ _BUILDERS = {
     "CsmForConditionalGeneration": _csm,
     "DiaForConditionalGeneration": _dia,
     "DacModel": _dac,
+    "PocketTTSForConditionalGeneration": _pocket_tts,
 }

@@ -35,7 +35,12 @@ def _split_long(sentence: str, max_chars: int) -> list[str]:
     return _pack(pieces, max_chars)
 
 
-def split_sentences(text: str, max_chars: int = 300) -> list[str]:
+# The engine synthesises one sentence at a time; a longer one is split at clauses. The planner
+# budgets one sentence of this length (plus the voice prompt), not the whole request text.
+MAX_SENTENCE_CHARS = 300
+
+
+def split_sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]:
     """Sentences of `text` (already normalised), none longer than `max_chars`."""
     out: list[str] = []
     for paragraph in re.split(r"\n\s*\n", text):

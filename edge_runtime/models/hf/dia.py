@@ -1,0 +1,173 @@
+"""Nari Labs Dia (DiaForConditionalGeneration): a byte-level text encoder run once per sentence and a
+decoder emitting one 9-channel DAC frame per step, with channel c delayed by delay_pattern[c] frames.
+
+The DAC codec is not part of the transformers model: DiaProcessor holds it as its `audio_tokenizer`
+(a DacModel). It is therefore outside the planner's layout and is kept resident on the execution
+device in fp32 (codecs are fragile in half precision; it is small next to the decoder).
+
+Voice cloning is Dia's own convention: the reference clip is DAC-encoded once (prepare_voice) into
+delayed `decoder_input_ids`; each sentence is then generated from the text
+"[S1] <prompt transcript> [S1] <sentence>" with those ids as the decoder prefix, and the prompt's
+frames are cut off the output before decoding.
+
+Folder layout: what save_pretrained writes (config.json, generation_config.json, model.safetensors,
+tokenizer_config.json, processor_config.json) plus, optionally, the codec in a `dac/` subfolder
+(DacModel.save_pretrained). A hub download has no `dac/`: its processor_config.json names the codec
+by hub id (descript/dac_44khz), which AutoProcessor resolves in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import InvalidInputError, ModelNotFoundError
+from ...voices import PreparedVoice
+from ..base import SynthesisSettings
+from .base import HFSpeechModel
+
+# Cap on generated frames per character of text: the planner's speech rate (~6 frames per char at
+# 86 frames/s and 14 chars/s) with 1.5x head room for slow speakers; the real model stops at its EOS.
+LENGTH_MARGIN = 1.5
+
+
+class DiaSpeechModel(HFSpeechModel):
+    model_class = "DiaForConditionalGeneration"
+    # Nothing inside DiaForConditionalGeneration is fragile in bf16; its codec lives in the processor
+    # and is kept fp32 by __init__ instead.
+    always_fp32 = ()
+    sample_rate = 44100
+    prompt_sample_rate = 44100
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        codec = self.codec
+        codec.to(device=self.device, dtype=torch.float32).eval()
+        for param in codec.parameters():
+            param.requires_grad_(False)
+        # Output and prompt both at the codec's rate (44.1 kHz for Dia). The feature extractor only
+        # pads, but rejects audio whose rate differs from its own (FACTS: it defaults to 16 kHz).
+        self.sample_rate = self.prompt_sample_rate = int(codec.config.sampling_rate)
+        self.processor.feature_extractor.sampling_rate = self.sample_rate
+        dec = self.config.decoder_config
+        self.delays = list(self.config.delay_pattern)
+        self.audio_kwargs = {"delay_pattern": self.delays, "bos_token_id": dec.bos_token_id,
+                             "eos_token_id": dec.eos_token_id, "pad_token_id": dec.pad_token_id,
+                             "sampling_rate": self.sample_rate}
+
+    @property
+    def codec(self):
+        return self.processor.audio_tokenizer
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load_processor(cls, folder: Path):
+        """DiaProcessor from its parts when the codec is saved in `dac/` (AutoProcessor would look
+        the codec up by the hub id in processor_config.json); the hub layout otherwise."""
+        folder = Path(folder)
+        if not (folder / "dac" / "config.json").is_file():
+            return super().load_processor(folder)
+        from transformers import DacModel, DiaFeatureExtractor, DiaProcessor, DiaTokenizer
+
+        try:
+            return DiaProcessor(feature_extractor=DiaFeatureExtractor.from_pretrained(folder, local_files_only=True),
+                                tokenizer=DiaTokenizer.from_pretrained(folder, local_files_only=True),
+                                audio_tokenizer=DacModel.from_pretrained(folder / "dac", local_files_only=True,
+                                                                         dtype=torch.float32))
+        except Exception as exc:  # noqa: BLE001 - missing or broken processor / codec files
+            raise ModelNotFoundError(f"cannot load Dia's processor (tokenizer, feature extractor, DAC codec "
+                                     f"in {folder / 'dac'}) from {folder}: {exc}") from None
+
+    @classmethod
+    def load(cls, folder: Path, **kwargs) -> DiaSpeechModel:
+        adapter = super().load(folder, **kwargs)
+        # base.load builds the skeleton from config.json only; the sampling defaults (CFG scale,
+        # temperature, top-k) live in generation_config.json
+        if (Path(folder) / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            adapter.model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        return adapter
+
+    def components(self) -> dict:
+        inner = self.model.model
+        return {"text_encoder": inner.encoder, "decoder": inner.decoder, "codec": self.codec}
+
+    def check_settings(self, settings: SynthesisSettings) -> None:
+        super().check_settings(settings)
+        if settings.speed != 1.0:
+            raise InvalidInputError(f"{self.model_id} (Dia) has no speaking-rate control; leave speed at 1.0")
+
+    # -- voice prompt --------------------------------------------------------------------------
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int, transcript: str | None = None) -> PreparedVoice:
+        if sample_rate != self.prompt_sample_rate:
+            from ...prompts import resample
+
+            audio = resample(audio, sample_rate, self.prompt_sample_rate)
+        self.calls["encode_prompt"] += 1  # the processor runs the DAC encoder on the clip
+        inputs = self.processor(text=["[S1]"], audio=[np.asarray(audio, dtype=np.float32)], **self.audio_kwargs)
+        mask = inputs["decoder_attention_mask"]
+        return PreparedVoice(
+            tensors={"decoder_input_ids": inputs["decoder_input_ids"].cpu(), "decoder_attention_mask": mask.cpu()},
+            model_id=self.model_id, sample_rate=self.prompt_sample_rate, transcript=transcript,
+            # bos + prompt frames: where the generated frames start in the output
+            extra={"prompt_frames": int(mask.shape[1] - max(self.delays))})
+
+    # -- synthesis -------------------------------------------------------------------------------
+    def max_new_tokens(self, unit: str, prefix_frames: int) -> int:
+        """Decoder steps for one sentence: frames its text should need, plus the delay tail, within
+        the decoder's positions after the prompt prefix."""
+        from ...planner.configs import DIA_FRAMES_PER_S, SPEECH_CHARS_PER_S
+
+        frames = math.ceil(len(unit) * DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S * LENGTH_MARGIN)
+        tail = max(self.delays) + 1  # the last frame is complete once every delayed channel has it
+        room = int(self.config.decoder_config.max_position_embeddings) - prefix_frames - max(self.delays)
+        if room <= tail:
+            raise InvalidInputError(f"the voice prompt fills {prefix_frames} of the decoder's "
+                                    f"{self.config.decoder_config.max_position_embeddings} positions; use a "
+                                    "shorter prompt (limits.max_prompt_seconds)")
+        return min(frames + tail, room)
+
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        script = f"[S1] {unit}"
+        if voice is not None and voice.transcript:
+            script = f"[S1] {voice.transcript} [S1] {unit}"
+        # text only: the processor's decoder start is all-BOS and the DAC encoder does not run
+        inputs = dict(self.processor(text=[script], **self.audio_kwargs))
+        text_cap = int(self.config.encoder_config.max_position_embeddings)
+        if inputs["input_ids"].shape[1] > text_cap:
+            raise InvalidInputError(f"sentence plus prompt transcript is {inputs['input_ids'].shape[1]} bytes; "
+                                    f"Dia's text encoder takes at most {text_cap}")
+        start = 1  # the BOS frame
+        if voice is not None:
+            inputs["decoder_input_ids"] = voice.tensors["decoder_input_ids"].clone()
+            inputs["decoder_attention_mask"] = voice.tensors["decoder_attention_mask"].clone()
+            start = int(voice.extra["prompt_frames"])
+        options = {"max_new_tokens": self.max_new_tokens(unit, start)}
+        if settings.noise_scale == 0:
+            options["do_sample"] = False  # greedy: reproducible without a seed
+        self.generator(settings)
+        with torch.inference_mode():
+            out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **options)
+            audio = self.decode(out, start)
+        yield audio  # outside inference mode: the consumer runs between our steps
+
+    def decode(self, out: torch.Tensor, start: int) -> np.ndarray:
+        """Delayed codes (1, steps, channels), prompt included -> float32 audio of the frames after
+        `start` that every channel completed (up to EOS, or to the step cap minus the delay tail)."""
+        steps, max_delay = out.shape[1], max(self.delays)
+        pads = int((out[0, :, 0] == self.config.decoder_config.pad_token_id).sum())
+        end = min(steps - pads - 1, steps - max_delay)  # before EOS / before incomplete frames
+        if end <= start:
+            return np.zeros(0, dtype=np.float32)
+        undelay = self.processor.build_indices(bsz=1, seq_len=steps, num_channels=out.shape[2],
+                                               delay_pattern=self.delays, revert=True)
+        codes = self.processor.apply_audio_delay(out, pad_token_id=-1, bos_token_id=-1, precomputed_idx=undelay)
+        codes = codes[:, start:end].transpose(1, 2).long().to(self.device)  # (1, channels, frames)
+        audio = self.codec.decode(audio_codes=codes).audio_values
+        return audio.reshape(-1).float().clamp(-1.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
