@@ -13,7 +13,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Sizes the model's components in the profile's dtype, budgets the tier's VRAM and "
                     "places every block: resident on the GPU, streamed from CPU/disk/NVMe, or computed on "
                     "the CPU; prints bytes, predicted peak VRAM and predicted extra latency.")
-    p.add_argument("--model", help="model (default: the embedded voice)")
+    p.add_argument("--model", help="model (default: the embedded voice): piper:NAME, a .onnx voice, a "
+                                    "transformers model folder or hub id (sized on the meta device from its config)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let a hub id missing from the local cache be downloaded")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--export", choices=["accelerate", "deepspeed"],
                    help="print (or write with -o) an accelerate device map or a DeepSpeed ZeRO-3 config")
@@ -22,14 +25,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def build_plan(model: str | None, profile, cost_model=None):
+def build_plan(model: str | None, profile, cost_model=None, allow_download: bool = False):
     """(Plan, model id, dtype reason, cost model: rates and a note saying where they came from).
     The cost model uses the saved `doctor --bandwidth` measurement where there is one."""
     from ..bandwidth import cost_model_from_measurement
     from ..models import registry
     from ..planning import plan_model, planning_dtype
 
-    spec = registry.resolve(model)
+    spec = registry.resolve(model, allow_download=allow_download)
     dtype, why = planning_dtype(profile)
     if cost_model is None:
         cost_model, cost_note = cost_model_from_measurement()
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..profiles import load_profile
 
     profile = load_profile(args.profile, tuple(args.set or ()))
-    result, model_id, why, cost = build_plan(args.model, profile)
+    result, model_id, why, cost = build_plan(args.model, profile, allow_download=args.allow_download)
     if args.export:
         exported = (result.to_accelerate_device_map() if args.export == "accelerate"
                     else result.to_deepspeed_config())

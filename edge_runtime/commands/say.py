@@ -18,7 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
     p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help="output file (default out.wav)")
     p.add_argument("--format", choices=sorted(audio.FORMATS), help="audio format (default: from -o suffix, else wav)")
-    p.add_argument("--model", help="model: piper:NAME or a path to a Piper .onnx voice (default: embedded voice)")
+    p.add_argument("--model", help="model: piper:NAME, a Piper .onnx voice, a transformers speech model folder "
+                                    "(CSM, Dia, Pocket TTS) or its Hugging Face hub id in the local cache "
+                                    "(default: embedded voice)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let a hub id missing from the local Hugging Face cache be downloaded "
+                        "(never when HF_HUB_OFFLINE is set)")
     p.add_argument("--speaker", help="speaker name or index for multi-speaker voices")
     p.add_argument("--voice", type=Path, help="voice prompt audio (WAV/FLAC/OGG/MP3); Piper voices pick their "
                                               "closest built-in speaker")
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or audio.format_from_path(args.output)
     audio.check_format(fmt)
     speaker = int(args.speaker) if args.speaker and args.speaker.isdigit() else args.speaker
-    rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry)
+    rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry,
+              allow_download=args.allow_download)
     voice = None
     if args.voice is not None:
         _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)

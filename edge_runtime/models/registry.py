@@ -66,6 +66,8 @@ def resolve(spec: str | None, allow_download: bool = False) -> ModelSpec:
 
     if path.exists() or looks_like_hub_id(spec):
         return ModelSpec("hf", spec, locate(spec, allow_download))
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
+        raise ModelNotFoundError(f"model path {path} does not exist")
     raise ModelNotFoundError(
         f"unknown model {spec!r}: expected 'piper:NAME', a path to a Piper .onnx voice, a model folder "
         f"or a Hugging Face hub id such as sesame/csm-1b (default {DEFAULT_MODEL})")
