@@ -26,13 +26,13 @@ def build_tiny_dia(folder: Path) -> Path:
                               DiaFeatureExtractor, DiaForConditionalGeneration, DiaProcessor, DiaTokenizer)
 
     folder = Path(folder)
-    encoder = DiaEncoderConfig(max_position_embeddings=512, num_hidden_layers=2, hidden_size=32,
-                               num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                               intermediate_size=64)
+    encoder = DiaEncoderConfig(max_position_embeddings=512, num_hidden_layers=4, hidden_size=64,
+                               num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                               intermediate_size=256)
     decoder = DiaDecoderConfig(max_position_embeddings=1024, num_hidden_layers=4, hidden_size=64,
                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                                head_dim=16, cross_num_attention_heads=2, cross_head_dim=16,
-                               cross_num_key_value_heads=2, cross_hidden_size=32)
+                               cross_num_key_value_heads=2, cross_hidden_size=64)
     config = DiaConfig(encoder_config=encoder, decoder_config=decoder)
     torch.manual_seed(0)
     model = DiaForConditionalGeneration(config).eval()

@@ -28,7 +28,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_mod
 from torch import nn
 
 from ..planner.plan import Plan
-from .base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
+from .base import Backend, LoadedModel, LoadRequest, TransferStats
 from .checkpoint import Checkpoint
 from .loading import build_skeleton, check_complete, load_tensors, owner, split_name
 from .offload_store import disk_store_for
@@ -249,8 +249,8 @@ class StreamerBackend(Backend):
             for slot in blk.slots.values():
                 _set(slot, slot.placeholder)
             blocks.append(blk)
-        if not blocks:
-            raise BackendError("the plan streams no block: use the resident backend")
+        # A plan may offload only by computing blocks on the CPU: then nothing streams, and the
+        # streamer is just the resident load plus the CPU-compute hooks below.
         stats = TransferStats()
         streamer = WeightStreamer(blocks, request.device, plan.prefetch, store, stats)
         for blk in blocks:

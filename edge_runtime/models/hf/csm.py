@@ -11,6 +11,7 @@ CsmForConditionalGeneration._merge_input_ids_with_input_values does, then passed
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,45 @@ SPEAKER = 0  # the speaker id of both turns: the cloned voice speaks the new sen
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 
 
+def flat_codec_layout(codec) -> None:
+    """Register Mimi's parts under the names its checkpoints use. transformers 5 nests them
+    (encoder.encoder_seanet.layers, encoder.encoder_transformer, ...) and renames checkpoint keys
+    while from_pretrained loads; our backends read tensors by checkpoint name into the skeleton,
+    so the skeleton takes the checkpoint's flat layout instead: the same module objects, registered
+    as encoder.layers, encoder_transformer, downsample, quantizer, upsample, decoder_transformer,
+    decoder.layers, and kept as plain attributes where Mimi's forward looks them up."""
+    enc, dec = codec.encoder, codec.decoder
+
+    def unregister(parent, attr):
+        module = parent._modules.pop(attr)
+        object.__setattr__(parent, attr, module)  # still found by attribute lookup, not a child
+        return module
+
+    enc._modules["layers"] = unregister(enc, "encoder_seanet").layers
+    dec._modules["layers"] = unregister(dec, "decoder_seanet").layers
+    flat = {"encoder": enc, "encoder_transformer": unregister(enc, "encoder_transformer"),
+            "downsample": unregister(enc, "downsample"), "quantizer": codec.quantizer,
+            "upsample": unregister(dec, "upsample"), "decoder_transformer": unregister(dec, "decoder_transformer"),
+            "decoder": dec}
+    codec._modules.clear()
+    codec._modules.update(flat)  # execution order: encode, quantize, decode
+
+
+@functools.cache
+def checkpoint_layout_class():
+    """CsmForConditionalGeneration whose state_dict names are its checkpoint's (same class name:
+    the planner picks its CSM layout builder by it)."""
+    import transformers
+
+    class CsmForConditionalGeneration(transformers.CsmForConditionalGeneration):
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            if hasattr(self.codec_model.encoder, "encoder_seanet"):  # transformers' nested layout
+                flat_codec_layout(self.codec_model)
+
+    return CsmForConditionalGeneration
+
+
 class CsmSpeechModel(HFSpeechModel):
     model_class = "CsmForConditionalGeneration"
     always_fp32 = ("codec_model",)
@@ -49,6 +89,10 @@ class CsmSpeechModel(HFSpeechModel):
 
         base = GenerationConfig()
         self.sampling = {prefix: {k: getattr(base, k) for k in SAMPLING_KEYS} for prefix in ("", "depth_decoder_")}
+
+    @classmethod
+    def transformers_class(cls):
+        return checkpoint_layout_class()
 
     @classmethod
     def load(cls, folder: Path, **kwargs) -> CsmSpeechModel:
