@@ -124,6 +124,12 @@ class HFSpeechModel(SpeechModel):
                               no_split_modules=tuple(getattr(model_class, "_no_split_modules", None) or ()))
         loaded = load_model(request, backend)
         model = loaded.model.eval()
+        if (folder / "generation_config.json").is_file():
+            # the skeleton came from config.json only: sampling settings, stop thresholds and
+            # special tokens live in generation_config.json and would be silently lost
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
         for param in model.parameters():
             param.requires_grad_(False)
         return cls(model, processor, config, model_id, torch.device(device), dtype, placement=loaded)

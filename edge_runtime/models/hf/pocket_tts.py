@@ -79,8 +79,8 @@ class PocketTTSSpeechModel(HFSpeechModel):
     def layout(cls, config, dtype: torch.dtype, fp32_components=()):
         from ...planner import layout_from_config
 
-        # the planner's builder is registered under the transformers class (same modules)
-        return layout_from_config(config, _inference_class().__mro__[1], dtype, cls.fp32_modules(fp32_components))
+        # the planner's builder is registered under the transformers class (same module names)
+        return layout_from_config(config, super().transformers_class(), dtype, cls.fp32_modules(fp32_components))
 
     @classmethod
     def load_processor(cls, folder: Path):
