@@ -66,8 +66,17 @@ def main() -> int:
     from edge_runtime.planner.layout import gib
 
     sizes, plans, data = [], [], []
+    from edge_runtime.models.hf.base import ADAPTERS, adapter_class
+
+    def layout_of(config, cls, dtype):
+        # the adapter's layout is what the runtime plans (e.g. CSM's codec split into parts)
+        if cls.__name__ in ADAPTERS:
+            config.architectures = [cls.__name__]
+            return adapter_class(config).layout(config, dtype)
+        return layout_from_config(config, cls, dtype)
+
     for name, config, cls in models():
-        layout = layout_from_config(config, cls, torch.bfloat16)
+        layout = layout_of(config, cls, torch.bfloat16)
         for c in layout.components:
             params = sum(b.params for b in c.blocks)
             sizes.append(f"| {name} | {c.name} | {'AR' if c.autoregressive else 'non-AR'} | "
@@ -76,7 +85,7 @@ def main() -> int:
         entry = {"model": name, "total_bytes": layout.total_bytes,
                  "components": {c.name: c.bytes for c in layout.components}, "plans": {}}
         for dtype_name, dtype in DTYPES:
-            typed = layout if dtype_name == "bf16" else layout_from_config(config, cls, getattr(torch, dtype))
+            typed = layout if dtype_name == "bf16" else layout_of(config, cls, getattr(torch, dtype))
             for tier, base, overrides in TIERS:
                 _plan_row(name, typed, tier, base, overrides, dtype_name, plans, entry)
         data.append(entry)

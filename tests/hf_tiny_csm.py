@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-BOS, EOS, AUDIO, AUDIO_EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>", "<|pad|>"
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"  # Llama 3's, as in sesame/csm-1b
+AUDIO, AUDIO_EOS = "<|AUDIO|>", "<|audio_eos|>"
 NUM_CODEBOOKS = 4
 CODEBOOK_SIZE = 64
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are you today?",
@@ -73,6 +74,12 @@ def build_tiny_csm(folder: Path) -> Path:
         architectures=["CsmForConditionalGeneration"])
     torch.manual_seed(0)
     model = CsmForConditionalGeneration(config).eval()
+    # Mimi initialises its codebooks to zeros (training fills them): every code would decode to
+    # the same audio and encoding would be degenerate; random codebooks make codes matter
+    with torch.no_grad():
+        for name, buf in model.codec_model.named_buffers():
+            if name.endswith("codebook.embed_sum"):
+                buf.normal_()
     # the published generation defaults: sampling with temperature 0.9 / top-k 50 in both stages
     model.generation_config.update(do_sample=True, temperature=0.9, top_k=50)
     model.depth_decoder.generation_config.update(do_sample=True, temperature=0.9, top_k=50)

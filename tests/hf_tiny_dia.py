@@ -41,8 +41,9 @@ def build_tiny_dia(folder: Path) -> Path:
                                    top_k=45)
     model.save_pretrained(folder)
 
-    dac = DacModel(DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 8, 8], decoder_hidden_size=32,
-                             n_codebooks=9, codebook_size=1024, codebook_dim=4, sampling_rate=SAMPLE_RATE)).eval()
+    codec = DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 8, 8], decoder_hidden_size=32,
+                      n_codebooks=9, codebook_size=1024, codebook_dim=4, sampling_rate=SAMPLE_RATE)
+    dac = DacModel(codec).eval()
     dac.save_pretrained(folder / "dac")
     # FACTS: the feature extractor defaults to 16 kHz, but Dia's processor feeds it 44.1 kHz audio
     processor = DiaProcessor(feature_extractor=DiaFeatureExtractor(sampling_rate=SAMPLE_RATE),

@@ -33,7 +33,9 @@ class AccelerateBackend(Backend):
         index, loaded = {}, []
         for name in ckpt.names():
             block = owner(name, device_map)
-            if block in disk:
+            # persistent buffers (codebooks, running stats) stay with the module: accelerate's
+            # hooks stream parameters only (offload_buffers=False), so they load up front here
+            if block in disk and split_name(model, name)[2]:
                 # accelerate reads the tensor from the checkpoint on every forward and casts it
                 dtype = request.dtype_for(name, torch.empty((), dtype=ckpt.entries[name].dtype))
                 index[name] = {"safetensors_file": str(ckpt.path), "weight_name": name,

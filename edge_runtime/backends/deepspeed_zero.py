@@ -182,12 +182,23 @@ def _build(request: LoadRequest) -> nn.Module:
     for name, param in model.named_parameters():  # cast first: load_state_dict copies into it
         param.data = param.data.to(request.dtype_for(name, param))
     missing, _ = model.load_state_dict(load_file(str(request.checkpoint)), strict=False)
+    if missing and hasattr(model, "tie_weights"):
+        # tied copies (embeddings shared with a head) are saved once: tie, then they are present
+        model.tie_weights()
+        loaded = {id(p) for n, p in model.named_parameters() if n not in missing}
+        missing = [n for n in missing if id(_tensor(model, n)) not in loaded]
     if missing:  # non-persistent buffers are not state_dict keys, so never listed here
         raise BackendError(f"checkpoint {request.checkpoint} lacks {len(missing)} tensors the "
                            f"model needs, e.g. {missing[:5]}")
     if any(p.is_meta for p in model.parameters()):
         raise BackendError("the deepspeed backend needs build() to make real (not meta) tensors")
     return model.eval().requires_grad_(False)
+
+
+def _tensor(model: nn.Module, name: str):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return getattr(module, attr)
 
 
 def _init_inference(deepspeed, model: nn.Module, request: LoadRequest):

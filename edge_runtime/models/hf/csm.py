@@ -7,10 +7,18 @@ audio as Mimi frames) before the new turn. transformers' generate() would take t
 `input_values` and run the Mimi encoder on it on every call; here the reference is encoded once
 (prepare_voice) and each sentence's prompt embeddings are built from the cached codes, exactly as
 CsmForConditionalGeneration._merge_input_ids_with_input_values does, then passed as inputs_embeds.
+
+Two transformers details are adapted where the model is built (checkpoint_layout_class):
+* Mimi's checkpoints keep its original flat names (codec_model.encoder.layers.*,
+  codec_model.encoder_transformer.*); transformers 5 nests the modules and renames keys inside
+  from_pretrained. Our backends read tensors by checkpoint name: the skeleton takes the flat layout.
+* Mimi's encode/decode (and its quantizer's) are methods, which placement hooks (wrapping forward)
+  would not see: they are routed through forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -30,15 +38,31 @@ LENGTH_MARGIN = 1.5
 EXTRA_SECONDS = 1.0
 SPEAKER = 0  # the speaker id of both turns: the cloned voice speaks the new sentence too
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
+FLAT_NAMES = ("encoder_transformer", "downsample", "upsample", "decoder_transformer")
+
+
+@functools.cache
+def _routed_class(cls, methods: tuple[str, ...], hidden: tuple[str, ...]):
+    def forward(self, *args, _method: str = "forward", **kwargs):
+        return getattr(cls, _method)(self, *args, **kwargs)
+
+    def routed(name):
+        return lambda self, *args, **kwargs: self(*args, _method=name, **kwargs)
+
+    namespace = {"forward": forward, **{m: routed(m) for m in methods}, **dict.fromkeys(hidden)}
+    return type(cls.__name__, (cls,), namespace)
+
+
+def route_through_forward(module, methods: tuple[str, ...], hidden: tuple[str, ...] = ()) -> None:
+    """Make module.<method>() run as module(..., _method=<method>), so hooks on forward run around
+    it. `hidden`: class attributes (deprecation-warning properties) shadowed by plain ones."""
+    module.__class__ = _routed_class(type(module), methods, hidden)
 
 
 def flat_codec_layout(codec) -> None:
-    """Register Mimi's parts under the names its checkpoints use. transformers 5 nests them
-    (encoder.encoder_seanet.layers, encoder.encoder_transformer, ...) and renames checkpoint keys
-    while from_pretrained loads; our backends read tensors by checkpoint name into the skeleton,
-    so the skeleton takes the checkpoint's flat layout instead: the same module objects, registered
-    as encoder.layers, encoder_transformer, downsample, quantizer, upsample, decoder_transformer,
-    decoder.layers, and kept as plain attributes where Mimi's forward looks them up."""
+    """Register Mimi's parts under its checkpoint's names (encoder.layers, encoder_transformer,
+    downsample, quantizer, upsample, decoder_transformer, decoder.layers): the same module objects,
+    kept as plain attributes where Mimi's forward looks them up."""
     enc, dec = codec.encoder, codec.decoder
 
     def unregister(parent, attr):
@@ -50,23 +74,29 @@ def flat_codec_layout(codec) -> None:
     dec._modules["layers"] = unregister(dec, "decoder_seanet").layers
     flat = {"encoder": enc, "encoder_transformer": unregister(enc, "encoder_transformer"),
             "downsample": unregister(enc, "downsample"), "quantizer": codec.quantizer,
-            "upsample": unregister(dec, "upsample"), "decoder_transformer": unregister(dec, "decoder_transformer"),
-            "decoder": dec}
+            "upsample": unregister(dec, "upsample"),
+            "decoder_transformer": unregister(dec, "decoder_transformer"), "decoder": dec}
     codec._modules.clear()
     codec._modules.update(flat)  # execution order: encode, quantize, decode
+    for name in FLAT_NAMES:  # MimiModel's deprecated properties of these names, as plain attributes
+        object.__setattr__(codec, name, flat[name])
 
 
 @functools.cache
 def checkpoint_layout_class():
-    """CsmForConditionalGeneration whose state_dict names are its checkpoint's (same class name:
-    the planner picks its CSM layout builder by it)."""
+    """CsmForConditionalGeneration as our backends load it (see the module docstring); same class
+    name, so the planner picks its CSM layout builder."""
     import transformers
 
     class CsmForConditionalGeneration(transformers.CsmForConditionalGeneration):
         def __init__(self, config) -> None:
             super().__init__(config)
-            if hasattr(self.codec_model.encoder, "encoder_seanet"):  # transformers' nested layout
-                flat_codec_layout(self.codec_model)
+            codec = self.codec_model
+            nested = hasattr(codec.encoder, "encoder_seanet")
+            route_through_forward(codec, ("encode", "decode"), FLAT_NAMES if nested else ())
+            route_through_forward(codec.quantizer, ("encode", "decode"))
+            if nested:
+                flat_codec_layout(codec)
 
     return CsmForConditionalGeneration
 
@@ -83,23 +113,42 @@ class CsmSpeechModel(HFSpeechModel):
         self.sample_rate = self.prompt_sample_rate = int(codec.sampling_rate)
         self.frame_rate = float(codec.frame_rate)
         self.tokenizer = self.processor.tokenizer
-        # sampling defaults of the backbone ("") and the depth decoder: transformers' own, replaced
-        # by generation_config.json's in load()
-        from transformers import GenerationConfig
-
-        base = GenerationConfig()
-        self.sampling = {prefix: {k: getattr(base, k) for k in SAMPLING_KEYS} for prefix in ("", "depth_decoder_")}
+        # sampling of the backbone ("") and of the depth decoder: None (transformers' default) until
+        # load() reads generation_config.json
+        self.sampling = {prefix: dict.fromkeys(SAMPLING_KEYS) for prefix in ("", "depth_decoder_")}
 
     @classmethod
     def transformers_class(cls):
         return checkpoint_layout_class()
 
     @classmethod
+    def layout(cls, config, dtype: torch.dtype, fp32_components=()):
+        """The planner's CSM layout with the codec as its parts instead of one block: a codec that
+        is one non-AR block never streams (it needs as much VRAM in flight as resident); its parts
+        can, leaving the VRAM to AR blocks. Parts never nest (a streamed block running inside
+        another would evict it): the SEANet stacks go layer by layer, since their wrappers
+        (codec_model.encoder / .decoder) also run the transformers and the resampling convs."""
+        from ...planner import build_on_meta, describe_model
+
+        layout = super().layout(config, dtype, fp32_components)
+        codec = build_on_meta(config, cls.transformers_class()).codec_model
+        if "encoder_transformer" not in codec._modules:  # not the flat layout: keep one block
+            return layout
+        middle = ("encoder_transformer", "downsample", "quantizer", "upsample", "decoder_transformer")
+        parts = [*codec.encoder.layers, *(codec._modules[n] for n in middle), *codec.decoder.layers]
+        parts = [p for p in parts if any(True for _ in p.parameters())]  # activations hold no weights
+        whole = layout.component("codec")
+        split = describe_model(codec, {"codec": parts}, (), dtype, ("codec",)).component("codec")
+        split = dataclasses.replace(split, activation_width=whole.activation_width, blocks=tuple(
+            dataclasses.replace(b, name=f"codec_model.{b.name}") for b in split.blocks))
+        comps = tuple(split if c is whole else c for c in layout.components)
+        return dataclasses.replace(layout, components=comps)
+
+    @classmethod
     def load(cls, folder: Path, **kwargs) -> CsmSpeechModel:
         adapter = super().load(folder, **kwargs)
-        # base.load builds the skeleton from config.json only; the published sampling defaults
-        # (temperature, top-k of the backbone and, prefixed depth_decoder_, of the depth decoder)
-        # live in generation_config.json
+        # the published sampling settings, the depth decoder's as depth_decoder_* keys, which
+        # GenerationConfig.from_pretrained (base.load) drops: read the file itself
         path = Path(folder) / "generation_config.json"
         if path.is_file():
             import json
@@ -110,10 +159,9 @@ class CsmSpeechModel(HFSpeechModel):
         return adapter
 
     def components(self) -> dict:
-        m = self.model
-        return {"embeddings": [m.embed_text_tokens, m.backbone_model.embed_tokens],
-                "backbone": [m.backbone_model, m.lm_head], "depth_decoder": m.depth_decoder,
-                "codec": m.codec_model}
+        m = self.model  # the backbone holds the codebook embeddings; lm_head emits codebook 0
+        return {"text_embeddings": m.embed_text_tokens, "backbone": m.backbone_model,
+                "lm_head": m.lm_head, "depth_decoder": m.depth_decoder, "codec": m.codec_model}
 
     def check_settings(self, settings: SynthesisSettings) -> None:
         super().check_settings(settings)
@@ -123,18 +171,20 @@ class CsmSpeechModel(HFSpeechModel):
                                     "temperature, 0 = greedy)")
 
     # -- voice prompt --------------------------------------------------------------------------
-    def prepare_voice(self, audio: np.ndarray, sample_rate: int, transcript: str | None = None) -> PreparedVoice:
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int,
+                      transcript: str | None = None) -> PreparedVoice:
         if sample_rate != self.prompt_sample_rate:
             from ...prompts import resample
 
             audio = resample(audio, sample_rate, self.prompt_sample_rate)
-        wave = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(1, 1, -1)
+        wave = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(1, 1, -1).to(self.device)
         self.calls["encode_prompt"] += 1
         with torch.inference_mode():
-            codes = self.model.codec_model.encode(wave.to(self.device)).audio_codes  # (1, codebooks, frames)
-        codes = codes[0, : self.config.num_codebooks].transpose(0, 1).contiguous().cpu()  # (frames, codebooks)
-        return PreparedVoice(tensors={"codes": codes}, model_id=self.model_id, sample_rate=self.prompt_sample_rate,
-                             transcript=transcript or "", extra={"frames": int(codes.shape[0])})
+            codes = self.model.codec_model.encode(wave).audio_codes  # (1, codebooks, frames)
+        codes = codes[0, : self.config.num_codebooks].T.contiguous().cpu()  # (frames, codebooks)
+        return PreparedVoice(tensors={"codes": codes}, model_id=self.model_id,
+                             sample_rate=self.prompt_sample_rate, transcript=transcript or "",
+                             extra={"frames": int(codes.shape[0])})
 
     # -- synthesis -------------------------------------------------------------------------------
     def turn(self, text: str) -> list[int]:
@@ -143,14 +193,13 @@ class CsmSpeechModel(HFSpeechModel):
         return tok(f"{tok.bos_token}[{SPEAKER}]{text}{tok.eos_token}", add_special_tokens=False)["input_ids"]
 
     def prompt_embeds(self, unit: str, voice: PreparedVoice | None) -> torch.Tensor:
-        """(1, tokens, hidden) backbone inputs: [prompt turn + its audio frames + audio eos] + new turn.
-        Text positions use the text embeddings, audio positions the codebook embeddings of the cached
-        frames, the audio-eos position the all-eos frame (as transformers merges them)."""
+        """(1, tokens, hidden) backbone inputs: [prompt turn, its audio frames, audio eos] + new turn.
+        Text positions take the text embeddings, audio positions the codebook embeddings of the
+        cached frames, the audio-eos position the all-eos frame's (as transformers merges them)."""
         cfg, m = self.config, self.model
         ids, codes = self.turn(unit), None
         if voice is not None:
-            codes = voice.tensors["codes"]
-            codes = torch.as_tensor(codes).to(self.device, torch.long)
+            codes = torch.as_tensor(voice.tensors["codes"]).to(self.device, torch.long)
             ids = [*self.turn(voice.transcript or ""), *[cfg.audio_token_id] * codes.shape[0],
                    cfg.audio_eos_token_id, *ids]
         ids = torch.tensor([ids], device=self.device)
@@ -162,8 +211,8 @@ class CsmSpeechModel(HFSpeechModel):
         return embeds
 
     def max_new_tokens(self, unit: str, prompt_tokens: int) -> int:
-        """Frames for one sentence: what its text should need with head room, within the backbone's
-        positions after the prompt."""
+        """Frames for one sentence: what its text should need, with head room, within the
+        backbone's positions left after the prompt."""
         from ...planner.configs import SPEECH_CHARS_PER_S
 
         frames = math.ceil(self.frame_rate * (len(unit) / SPEECH_CHARS_PER_S * LENGTH_MARGIN + EXTRA_SECONDS))
@@ -175,13 +224,13 @@ class CsmSpeechModel(HFSpeechModel):
         return min(frames, room)
 
     def generate_options(self, settings: SynthesisSettings) -> dict:
-        """Sampling of both stages, all keys every call: CSM's generate() writes depth_decoder_*
+        """Sampling of both stages, every key every call: CSM's generate() writes depth_decoder_*
         options into the depth decoder's own generation config, where they would persist."""
         options = {}
         for prefix, defaults in self.sampling.items():
             chosen = dict(defaults)
             if settings.noise_scale == 0:  # greedy: reproducible without a seed
-                chosen = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+                chosen = dict.fromkeys(SAMPLING_KEYS) | {"do_sample": False}
             elif settings.noise_scale is not None:
                 chosen.update(do_sample=True, temperature=float(settings.noise_scale))
             options.update({prefix + k: v for k, v in chosen.items()})
@@ -193,8 +242,18 @@ class CsmSpeechModel(HFSpeechModel):
         with torch.inference_mode():
             embeds = self.prompt_embeds(unit, voice)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
-            audio = self.model.generate(inputs_embeds=embeds, attention_mask=mask, output_audio=True,
+            codes = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
                                         max_new_tokens=self.max_new_tokens(unit, embeds.shape[1]),
-                                        **self.generate_options(settings))[0]
-            audio = audio.reshape(-1).float().clamp(-1.0, 1.0).cpu().numpy()
-        yield audio.astype(np.float32, copy=False)  # one chunk per sentence, also when streaming
+                                        **self.generate_options(settings))  # (1, frames, codebooks)
+            audio = self.decode(codes[0])
+        yield audio  # one chunk per sentence, also when streaming
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """Frames up to the first all-eos frame -> float32 audio (generate's output_audio, inlined
+        to cope with an eos in the very first frame)."""
+        eos = (codes == self.config.codebook_eos_token_id).all(dim=-1).nonzero()
+        codes = codes[: int(eos.min()) if eos.numel() else codes.shape[0]]
+        if codes.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        audio = self.model.codec_model.decode(codes.T[None].to(self.device)).audio_values
+        return audio.reshape(-1).float().clamp(-1.0, 1.0).cpu().numpy().astype(np.float32, copy=False)

@@ -18,6 +18,7 @@ by hub id (descript/dac_44khz), which AutoProcessor resolves in the local Huggin
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from ...errors import InvalidInputError, ModelNotFoundError
 from ...voices import PreparedVoice
 from ..base import SynthesisSettings
 from .base import HFSpeechModel
+
+log = logging.getLogger(__name__)
 
 # Cap on generated frames per character of text: the planner's speech rate (~6 frames per char at
 # 86 frames/s and 14 chars/s) with 1.5x head room for slow speakers; the real model stops at its EOS.
@@ -55,9 +58,10 @@ class DiaSpeechModel(HFSpeechModel):
         self.processor.feature_extractor.sampling_rate = self.sample_rate
         dec = self.config.decoder_config
         self.delays = list(self.config.delay_pattern)
-        self.audio_kwargs = {"delay_pattern": self.delays, "bos_token_id": dec.bos_token_id,
-                             "eos_token_id": dec.eos_token_id, "pad_token_id": dec.pad_token_id,
-                             "sampling_rate": self.sample_rate}
+        # the processor's audio defaults are the published model's; take this config's instead
+        self.processor_kwargs = {"delay_pattern": self.delays, "bos_token_id": dec.bos_token_id,
+                                 "eos_token_id": dec.eos_token_id, "pad_token_id": dec.pad_token_id,
+                                 "sampling_rate": self.sample_rate}
 
     @property
     def codec(self):
@@ -74,24 +78,13 @@ class DiaSpeechModel(HFSpeechModel):
         from transformers import DacModel, DiaFeatureExtractor, DiaProcessor, DiaTokenizer
 
         try:
-            return DiaProcessor(feature_extractor=DiaFeatureExtractor.from_pretrained(folder, local_files_only=True),
-                                tokenizer=DiaTokenizer.from_pretrained(folder, local_files_only=True),
-                                audio_tokenizer=DacModel.from_pretrained(folder / "dac", local_files_only=True,
-                                                                         dtype=torch.float32))
+            features = DiaFeatureExtractor.from_pretrained(folder, local_files_only=True)
+            tokenizer = DiaTokenizer.from_pretrained(folder, local_files_only=True)
+            codec = DacModel.from_pretrained(folder / "dac", local_files_only=True, dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - missing or broken processor / codec files
             raise ModelNotFoundError(f"cannot load Dia's processor (tokenizer, feature extractor, DAC codec "
                                      f"in {folder / 'dac'}) from {folder}: {exc}") from None
-
-    @classmethod
-    def load(cls, folder: Path, **kwargs) -> DiaSpeechModel:
-        adapter = super().load(folder, **kwargs)
-        # base.load builds the skeleton from config.json only; the sampling defaults (CFG scale,
-        # temperature, top-k) live in generation_config.json
-        if (Path(folder) / "generation_config.json").is_file():
-            from transformers import GenerationConfig
-
-            adapter.model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-        return adapter
+        return DiaProcessor(feature_extractor=features, tokenizer=tokenizer, audio_tokenizer=codec)
 
     def components(self) -> dict:
         inner = self.model.model
@@ -103,16 +96,21 @@ class DiaSpeechModel(HFSpeechModel):
             raise InvalidInputError(f"{self.model_id} (Dia) has no speaking-rate control; leave speed at 1.0")
 
     # -- voice prompt --------------------------------------------------------------------------
-    def prepare_voice(self, audio: np.ndarray, sample_rate: int, transcript: str | None = None) -> PreparedVoice:
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int,
+                      transcript: str | None = None) -> PreparedVoice:
         if sample_rate != self.prompt_sample_rate:
             from ...prompts import resample
 
             audio = resample(audio, sample_rate, self.prompt_sample_rate)
+        if not transcript:
+            log.warning("Dia clones a voice best with the prompt's transcript; without it the prompt "
+                        "audio is continued with the new text only")
         self.calls["encode_prompt"] += 1  # the processor runs the DAC encoder on the clip
-        inputs = self.processor(text=["[S1]"], audio=[np.asarray(audio, dtype=np.float32)], **self.audio_kwargs)
-        mask = inputs["decoder_attention_mask"]
+        clip = np.asarray(audio, dtype=np.float32)
+        inputs = self.processor(text=["[S1]"], audio=[clip], **self.processor_kwargs)  # the text is unused
+        ids, mask = inputs["decoder_input_ids"], inputs["decoder_attention_mask"]
         return PreparedVoice(
-            tensors={"decoder_input_ids": inputs["decoder_input_ids"].cpu(), "decoder_attention_mask": mask.cpu()},
+            tensors={"decoder_input_ids": ids.cpu(), "decoder_attention_mask": mask.cpu()},
             model_id=self.model_id, sample_rate=self.prompt_sample_rate, transcript=transcript,
             # bos + prompt frames: where the generated frames start in the output
             extra={"prompt_frames": int(mask.shape[1] - max(self.delays))})
@@ -125,7 +123,7 @@ class DiaSpeechModel(HFSpeechModel):
 
         frames = math.ceil(len(unit) * DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S * LENGTH_MARGIN)
         tail = max(self.delays) + 1  # the last frame is complete once every delayed channel has it
-        room = int(self.config.decoder_config.max_position_embeddings) - prefix_frames - max(self.delays)
+        room = int(self.config.decoder_config.max_position_embeddings) - prefix_frames
         if room <= tail:
             raise InvalidInputError(f"the voice prompt fills {prefix_frames} of the decoder's "
                                     f"{self.config.decoder_config.max_position_embeddings} positions; use a "
@@ -138,7 +136,9 @@ class DiaSpeechModel(HFSpeechModel):
         if voice is not None and voice.transcript:
             script = f"[S1] {voice.transcript} [S1] {unit}"
         # text only: the processor's decoder start is all-BOS and the DAC encoder does not run
-        inputs = dict(self.processor(text=[script], **self.audio_kwargs))
+        # one text, so no padding (with padding the tokenizer warns about max_length on every call;
+        # the audio path needs it, so prepare_voice keeps the default)
+        inputs = dict(self.processor(text=[script], padding=False, **self.processor_kwargs))
         text_cap = int(self.config.encoder_config.max_position_embeddings)
         if inputs["input_ids"].shape[1] > text_cap:
             raise InvalidInputError(f"sentence plus prompt transcript is {inputs['input_ids'].shape[1]} bytes; "
@@ -149,8 +149,10 @@ class DiaSpeechModel(HFSpeechModel):
             inputs["decoder_attention_mask"] = voice.tensors["decoder_attention_mask"].clone()
             start = int(voice.extra["prompt_frames"])
         options = {"max_new_tokens": self.max_new_tokens(unit, start)}
+        # Sampling follows generation_config.json (CFG, temperature, top-k); noise_scale 0 asks for
+        # greedy decoding (reproducible without a seed). Other noise values have no Dia meaning.
         if settings.noise_scale == 0:
-            options["do_sample"] = False  # greedy: reproducible without a seed
+            options["do_sample"] = False
         self.generator(settings)
         with torch.inference_mode():
             out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **options)
