@@ -128,23 +128,26 @@ def test_cached_codes_match_transformers_own_context_path(rt, folder, prompt):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("backend", ["streamer", "accelerate"])
+@pytest.mark.parametrize("backend", ["streamer", "accelerate", "deepspeed"])
 def test_offloaded_equals_resident(folder, prompt, reference, backend):
     rt = edge_runtime.load(model=str(folder), profile="6gb",
-                           overrides=(*TINY_TIER, f"offload.backend={backend}"))
+                           overrides=(*TINY_TIER, f"offload.backend={backend}",
+                                      *(("offload.target=cpu",) if backend == "deepspeed" else ())))
     try:
         placement = rt.placement
         assert placement["backend"] == backend
         blocks = rt.model.placement.plan.blocks
         codec = sum(b.bytes for b in blocks if b.name.startswith("codec_model."))
         assert placement["streamed_bytes"] > 0.9 * codec  # nearly all of the codec, in parts
-        assert sum(b.placement == "stream:disk" for b in blocks) >= 10
+        assert sum(b.placement.startswith("stream:") for b in blocks) >= 10
         voice_id, _, _ = rt.prepare_voice(prompt, transcript=PROMPT_TEXT)
         plain, cloned = reference
         # same weights, same kernels, blocks only fetched from disk: bit-identical audio
         assert np.array_equal(rt.synthesize(TEXT, noise_scale=0.0)[0], plain)
         assert np.array_equal(rt.synthesize(TEXT, voice=voice_id, seed=7)[0], cloned)
-        assert rt.placement["bytes_moved"] > 0
+        # ZeRO-3 keeps tensors under its persistence threshold (100k elements: all of this tiny
+        # model) on the device, so it gathers nothing; the other backends read from disk
+        assert rt.placement["bytes_moved"] > 0 or rt.placement.get("mode") == "zero3"
         assert np.array_equal(rt.synthesize(TEXT, noise_scale=0.0)[0], plain)  # a learned order
     finally:
         rt.close()

@@ -102,7 +102,7 @@ def test_voice_prompt_encoded_once(rt, prompt_path, resident_audio):
     assert not np.array_equal(first[:1920 * 4], rt.synthesize(SHORT, noise_scale=0.0)[0][:1920 * 4])
 
 
-@pytest.mark.parametrize("backend", ["streamer", "accelerate"])
+@pytest.mark.parametrize("backend", ["streamer", "accelerate", "deepspeed"])
 def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend, monkeypatch):
     # Every Pocket TTS block is autoregressive (the codec is outside the model), and the planner
     # rightly computes AR blocks on the CPU rather than streaming them every frame. To exercise
@@ -113,16 +113,19 @@ def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend,
     monkeypatch.setattr(bandwidth, "cost_model_from_measurement",
                         lambda *a, **k: (CostModel(cpu_flops=1e3), "test: a very slow CPU"))
     rt = edge_runtime.load(model=str(folder), profile="6gb",
-                           overrides=(*STREAM_TIER, f"offload.backend={backend}"))
+                           overrides=(*STREAM_TIER, f"offload.backend={backend}",
+                                      *(("offload.target=cpu",) if backend == "deepspeed" else ())))
     try:
         placement = rt.placement
         assert placement["backend"] == backend
-        streamed = [b.name for b in rt.model.placement.plan.blocks if b.placement == "stream:disk"]
+        streamed = [b.name for b in rt.model.placement.plan.blocks if b.placement.startswith("stream:")]
         print(f"{backend}: streams {streamed} ({placement['streamed_bytes']} bytes)")
         assert placement["streamed_bytes"] > 0 and len([n for n in streamed if ".layers." in n]) >= 2
         voice_id, _, _ = rt.prepare_voice(prompt_path)
         greedy = rt.synthesize(SHORT, voice=voice_id, noise_scale=0.0)[0]
-        assert rt.placement["bytes_moved"] > 0
+        # ZeRO-3 keeps tensors under its persistence threshold (100k elements: all of this tiny
+        # model) on the device, so it gathers nothing; the other backends read from disk
+        assert rt.placement["bytes_moved"] > 0 or rt.placement.get("mode") == "zero3"
         assert same_audio(greedy, resident_audio["greedy_voice"])  # bit-identical on this machine so far
         assert same_audio(rt.synthesize(SHORT, seed=7)[0], resident_audio["sampled"])
         assert np.array_equal(rt.synthesize(SHORT, voice=voice_id, noise_scale=0.0)[0], greedy)

@@ -185,7 +185,7 @@ def _build(request: LoadRequest) -> nn.Module:
     if missing and hasattr(model, "tie_weights"):
         # tied copies (embeddings shared with a head) are saved once: tie, then they are present
         model.tie_weights()
-        loaded = {id(p) for n, p in model.named_parameters() if n not in missing}
+        loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n not in missing}
         missing = [n for n in missing if id(_tensor(model, n)) not in loaded]
     if missing:  # non-persistent buffers are not state_dict keys, so never listed here
         raise BackendError(f"checkpoint {request.checkpoint} lacks {len(missing)} tensors the "
