@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,13 @@ FORMATS = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
 }
+
+
+# what an HTTP response says it carries (pcm: raw 16-bit little-endian mono, no header)
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
+               "opus": "audio/ogg; codecs=opus", "pcm": "audio/pcm"}
+# Opus only encodes these rates; other rates are resampled up to the next one
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
 class AudioFormatError(InvalidInputError):
@@ -41,12 +49,26 @@ def to_pcm16(audio: np.ndarray) -> bytes:
     return (clipped * 32767.0).astype("<i2").tobytes()
 
 
+def wav_stream_header(sample_rate: int, channels: int = 1) -> bytes:
+    """A 16-bit PCM WAV header for a stream of unknown length: the RIFF and data sizes say
+    0xFFFFFFFF ("until the end"), the usual convention for streamed WAV; libsndfile reads it to the
+    end of the data."""
+    block = channels * 2
+    fmt_chunk = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, sample_rate, sample_rate * block, block, 16)
+    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + fmt_chunk + b"data" + struct.pack("<I", 0xFFFFFFFF)
+
+
 def encode(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """Encode float audio in [-1, 1] into `fmt` bytes."""
     fmt = check_format(fmt)
     if fmt == "pcm":
         return to_pcm16(audio)
     container, subtype = FORMATS[fmt]
+    if subtype == "OPUS" and sample_rate not in OPUS_RATES:
+        from .prompts import resample
+
+        target = next((r for r in OPUS_RATES if r >= sample_rate), OPUS_RATES[-1])
+        audio, sample_rate = resample(np.asarray(audio, dtype=np.float32), sample_rate, target), target
     import soundfile as sf
 
     buf = io.BytesIO()

@@ -19,7 +19,7 @@ from .commands import add_profile_options
 from .errors import EdgeRuntimeError
 
 # Modules under edge_runtime/commands, in --help order.
-COMMANDS = ["say", "voices", "plan", "soak", "doctor", "profiles_cmd"]
+COMMANDS = ["say", "serve", "voices", "plan", "soak", "doctor", "profiles_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,198 @@
+"""The micro-batching scheduler with a fake runtime (no model): what it gathers, what it refuses,
+cancellation, timeouts, streams, and how `max_batch: auto` chooses."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_runtime.errors import InvalidInputError
+from edge_runtime.batch_tuning import choose_batch_size, measure_batch_curve
+from edge_runtime.scheduler import QueueFullError, Scheduler, SchedulerClosedError
+
+
+class FakeRuntime:
+    """Records each call as the list of texts it carried; `gate` holds the worker until set."""
+
+    sample_rate = 100
+
+    def __init__(self, batch_cost: dict[int, float] | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batch_cost = batch_cost or {}
+        self.streamed = 0
+        self.stream_closed = threading.Event()
+
+    def synthesize(self, text, voice=None, **settings):
+        self.gate.wait()
+        if text == "bad":
+            raise InvalidInputError("bad text")
+        self.calls.append([text])
+        time.sleep(self.batch_cost.get(1, 0.0))
+        return np.full(len(text), 0.5, np.float32), self.sample_rate
+
+    def synthesize_batch(self, texts, voice=None, max_batch=None, **settings):
+        self.gate.wait()
+        if "bad" in texts:
+            raise InvalidInputError("bad text in batch")
+        self.calls.append(list(texts))
+        time.sleep(self.batch_cost.get(len(texts), 0.0))
+        return [(np.full(len(t), 0.5, np.float32), self.sample_rate) for t in texts]
+
+    def stream(self, text, voice=None, **settings):
+        def chunks():
+            try:
+                for _ in range(1000):
+                    self.gate.wait()
+                    self.streamed += 1
+                    time.sleep(0.001)
+                    yield np.zeros(10, np.float32)
+            finally:
+                self.stream_closed.set()
+        return chunks()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(rt, **kwargs) -> Scheduler:
+    scheduler = Scheduler(rt, **kwargs)
+    await scheduler.start(warm_up=False)
+    return scheduler
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def test_gathers_compatible_requests_up_to_max_batch():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt, max_batch=4, max_wait_ms=20, queue_size=16)
+        rt.gate.clear()  # the first request holds the worker while the rest queue up
+        first = asyncio.create_task(scheduler.synthesize("aaaa"))
+        await _until(lambda: scheduler.running == 1)
+        same = [asyncio.create_task(scheduler.synthesize(f"b{i}xx")) for i in range(5)]
+        faster = asyncio.create_task(scheduler.synthesize("cccc", speed=2.0))
+        longer = asyncio.create_task(scheduler.synthesize("d" * 40))
+        await _until(lambda: scheduler.depth == 7)
+        rt.gate.set()
+        results = await asyncio.gather(first, *same, faster, longer)
+        await scheduler.close()
+        return rt.calls, results
+
+    calls, results = run(main())
+    assert calls[0] == ["aaaa"]
+    assert calls[1] == ["b0xx", "b1xx", "b2xx", "b3xx"]  # max_batch, arrival order
+    assert sorted(map(tuple, calls[2:])) == [("b4xx",), ("cccc",), ("d" * 40,)]  # other settings / lengths
+    assert [r.batch_size for r in results[1:5]] == [4, 4, 4, 4]
+    assert all(len(r.audio) == len(t) for r, t in zip(results, ["aaaa", *[f"b{i}xx" for i in range(5)]]))
+
+
+def test_queue_full_then_accepts_again():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt, queue_size=2)
+        rt.gate.clear()
+        running = asyncio.create_task(scheduler.synthesize("one"))
+        await _until(lambda: scheduler.running == 1)
+        queued = [asyncio.create_task(scheduler.synthesize(t)) for t in ("two", "three")]
+        await _until(lambda: scheduler.depth == 2)
+        with pytest.raises(QueueFullError) as full:
+            await scheduler.synthesize("four")
+        assert full.value.retry_after >= 1
+        rt.gate.set()
+        await asyncio.gather(running, *queued)
+        assert (await scheduler.synthesize("five")).audio.size == 4
+        await scheduler.close()
+        with pytest.raises(SchedulerClosedError):
+            await scheduler.synthesize("six")
+
+    run(main())
+
+
+def test_cancelled_and_timed_out_requests_never_reach_the_model():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt, queue_size=8, request_timeout_s=0.3)
+        rt.gate.clear()
+        running = asyncio.create_task(scheduler.synthesize("held"))
+        await _until(lambda: scheduler.running == 1)
+        leaving = asyncio.create_task(scheduler.synthesize("leaves"))
+        waiting = asyncio.create_task(scheduler.synthesize("waits"))
+        await _until(lambda: scheduler.depth == 2)
+        leaving.cancel()  # the client disconnected
+        with pytest.raises(TimeoutError):
+            await waiting  # the worker is held past the deadline
+        rt.gate.set()
+        with pytest.raises(TimeoutError):
+            await running  # the result came too late for its caller too
+        await scheduler.close()
+        return rt.calls
+
+    assert run(main()) == [["held"]]
+
+
+def test_failing_request_in_a_batch_fails_alone():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt, max_batch=3, max_wait_ms=50, queue_size=8)
+        rt.gate.clear()
+        blocker = asyncio.create_task(scheduler.synthesize("wait"))
+        await _until(lambda: scheduler.running == 1)
+        tasks = [asyncio.create_task(scheduler.synthesize(t)) for t in ("good", "bad", "fine")]
+        await _until(lambda: scheduler.depth == 3)
+        rt.gate.set()
+        outcomes = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+        await scheduler.close()
+        return outcomes
+
+    _, good, bad, fine = run(main())
+    assert isinstance(bad, InvalidInputError)
+    assert good.audio.size == 4 and fine.audio.size == 4
+
+
+def test_stream_delivers_chunks_and_stops_the_worker_when_closed():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt)
+        stream = scheduler.stream("long text")
+        got = [await stream.__anext__() for _ in range(3)]
+        await stream.aclose()  # the client went away
+        await asyncio.get_running_loop().run_in_executor(None, rt.stream_closed.wait, 30)
+        after = await scheduler.synthesize("next")  # the worker is free again
+        await scheduler.close()
+        return got, rt.streamed, after
+
+    got, produced, after = run(main())
+    assert len(got) == 3 and all(c.size == 10 for c in got)
+    assert produced < 1000  # stopped early, not run to the end
+    assert after.audio.size == 4
+
+
+def test_choose_batch_size_prefers_smaller_within_tolerance():
+    assert choose_batch_size({1: 3.85, 2: 3.78, 4: 3.02}) == 1  # measured on 2 CPU cores
+    assert choose_batch_size({1: 1.0, 2: 1.9, 4: 3.5, 8: 3.6}) == 4  # 3.5 is within 5% of 3.6
+    assert choose_batch_size({1: 1.0, 2: 1.9, 4: 3.0, 8: 3.6}) == 8
+
+
+def test_auto_measures_the_curve_and_uses_the_best():
+    rt = FakeRuntime(batch_cost={1: 0.02, 2: 0.02, 4: 0.4, 8: 0.8})  # batch 2 doubles throughput
+
+    async def main():
+        scheduler = await started(rt, max_batch="auto")
+        await scheduler.close()
+        return scheduler
+
+    scheduler = run(main())
+    assert scheduler.max_batch == 2
+    assert set(scheduler.batch_curve) == {1, 2, 4}  # 4 gained nothing: 8 never tried
+    slow = measure_batch_curve(FakeRuntime(batch_cost={1: 0.01, 2: 0.1}), sizes=(1, 2, 4), repeats=1)
+    assert choose_batch_size(slow) == 1 and list(slow) == [1, 2]
