@@ -220,3 +220,24 @@ def test_disk_offload_peak_rss_below_resident(tmp_path):
         # streaming holds ~2 blocks of 8 at a time: at least half the model less than resident
         # streaming holds ~2 blocks of 8 at a time: at least half the model less than resident
         assert streamed < resident - model_bytes // 2, (backend, streamed, resident, model_bytes)
+
+
+def test_accelerate_with_its_own_device_map(checkpoint, ids):
+    """options.device_map="infer": accelerate's infer_auto_device_map, max_memory from the budget,
+    no-split blocks kept whole; the overflow goes to disk and outputs stay exact."""
+    plan = plan_for(SHAPE, 0.3)
+    request = LoadRequest(build=lambda: TinyStack(**SHAPE), checkpoint=checkpoint, plan=plan, device=CPU,
+                          dtype=torch.float32, no_split_modules=("Block",), options={"device_map": "infer"})
+    loaded = load_model(request, "accelerate")
+    with torch.inference_mode():
+        out = loaded.model(ids)
+    assert torch.equal(out, reference(checkpoint, ids))
+    assert loaded.stats.loads >= 1 and loaded.stats.bytes_moved > 0
+    # whole blocks only: no key names a part of a Block
+    dmap = loaded.details["device_map"]
+    disk = [k for k, v in dmap.items() if v == "disk"]
+    assert disk and all(not k.startswith("blocks.") or k.count(".") == 1 for k in dmap)
+    loaded.close()
+    with pytest.raises(BackendError, match="device_map must be 'plan' or 'infer'"):
+        load_model(LoadRequest(build=lambda: TinyStack(**SHAPE), checkpoint=checkpoint, plan=plan, device=CPU,
+                               dtype=torch.float32, options={"device_map": "guess"}), "accelerate")

@@ -13,10 +13,10 @@ import torch
 from accelerate import dispatch_model
 from accelerate.hooks import remove_hook_from_submodules
 
-from .base import Backend, LoadedModel, LoadRequest, TransferStats
+from .base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
 from .checkpoint import Checkpoint
 from .loading import build_skeleton, check_complete, load_tensors, owner, split_name
-from .placement import cpu_compute_hooks, count_loads, device_map_for
+from .placement import cpu_compute_hooks, count_loads, device_map_for, inferred_device_map
 
 _TORCH_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -28,7 +28,13 @@ class AccelerateBackend(Backend):
         ckpt = Checkpoint(request.checkpoint)
         plan = request.plan
         model = build_skeleton(request)
-        device_map = device_map_for(plan, request.device)
+        mode = request.options.get("device_map", "plan")
+        if mode == "plan":  # the planner's placement: keep_resident, AR blocks, cost model
+            device_map = device_map_for(plan, request.device)
+        elif mode == "infer":  # accelerate's own planner, given the plan's budget
+            device_map = inferred_device_map(model, plan, request)
+        else:
+            raise BackendError(f"options.device_map must be 'plan' or 'infer', not {mode!r}")
         disk = [b for b, where in device_map.items() if where == "disk"]
         index, loaded = {}, []
         for name in ckpt.names():
@@ -48,10 +54,10 @@ class AccelerateBackend(Backend):
             load_tensors(model, ckpt, [name], where, request)
         check_complete(model, ckpt, skip=disk)
         stats = TransferStats()
-        offloaded = {b.name: b.bytes for b in plan.blocks
-                     if device_map.get(b.name) == "disk"
-                     or (device_map.get(b.name) == "cpu" and request.device.type != "cpu"
-                         and b.placement != "cpu")}
+        computed_on_cpu = set(plan.cpu_modules()) if mode == "plan" else set()
+        offloaded = {key: _bytes_under(ckpt, key, request) for key, where in device_map.items()
+                     if where == "disk" or (where == "cpu" and request.device.type != "cpu"
+                                            and key not in computed_on_cpu)}
         # safetensors wants "cpu" or a CUDA index, not a torch.device, for where it reads to
         main = "cpu" if request.device.type == "cpu" else (request.device.index or 0)
         quiet = logging.getLogger("accelerate.big_modeling")  # "some parameters are on meta": by design
@@ -72,7 +78,8 @@ class AccelerateBackend(Backend):
             remove_hook_from_submodules(model)
 
         return LoadedModel(model, self.name, plan, request.device, stats, close,
-                           details={"offloaded_blocks": len(offloaded), "prefetch": 0})
+                           details={"offloaded_blocks": len(offloaded), "prefetch": 0,
+                                    "device_map_source": mode, "device_map": device_map})
 
 
 def _retype_on_meta(model, name: str, dtype: torch.dtype) -> None:
@@ -84,3 +91,13 @@ def _retype_on_meta(model, name: str, dtype: torch.dtype) -> None:
     if old.dtype != dtype:
         new = old.to("meta", dtype)
         table[attr] = torch.nn.Parameter(new, requires_grad=False) if is_param else new
+
+
+def _bytes_under(ckpt: Checkpoint, key: str, request: LoadRequest) -> int:
+    """Bytes, in their target dtypes, of the checkpoint tensors a device-map key covers."""
+    total = 0
+    for name, entry in ckpt.entries.items():
+        if owner(name, [key]) is not None:
+            dtype = request.dtype_for(name, torch.empty((), dtype=entry.dtype))
+            total += entry.nbytes // entry.dtype.itemsize * dtype.itemsize
+    return total

@@ -22,6 +22,33 @@ def device_map_for(plan: Plan, device: torch.device) -> dict[str, int | str]:
             for b, v in zip(plan.blocks, plan.to_accelerate_device_map(gpu_index=0).values())}
 
 
+def inferred_device_map(model: nn.Module, plan: Plan, request) -> dict[str, int | str]:
+    """accelerate's own answer, ``infer_auto_device_map``, with max_memory from the plan's budget:
+    the execution device gets what the budget leaves for weights (VRAM - reserve - activations -
+    KV cache), host RAM what is free (none when the plan streams from disk), the rest goes to disk;
+    blocks of the model's no-split classes are never cut. It knows nothing of keep_resident,
+    autoregressive blocks or prefetch: the planner's map (the default) does."""
+    import warnings
+
+    import psutil
+    from accelerate import infer_auto_device_map
+
+    budget = plan.budget
+    room = max(0, budget.usable_bytes - budget.activation_bytes - budget.kv_cache_bytes)
+    cpu_room = 0 if plan.target in ("disk", "nvme") else psutil.virtual_memory().available
+    index = request.device.index or 0 if request.device.type == "cuda" else 0
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    with warnings.catch_warnings():  # on a CPU-only machine accelerate warns that device 0 is absent
+        warnings.simplefilter("ignore")
+        dmap = infer_auto_device_map(model, max_memory={index: room, "cpu": cpu_room},
+                                     no_split_module_classes=list(request.no_split_modules),
+                                     dtype=request.dtype)
+    if request.device.type == "cpu":  # "resident" on a CPU execution device is plain RAM
+        dmap = {k: ("cpu" if v == index else v) for k, v in dmap.items()}
+    return dmap
+
+
 def cpu_compute_hooks(model: nn.Module, plan: Plan, device: torch.device) -> None:
     """Blocks placed "cpu" compute there: inputs go to the CPU and outputs come back, the weights
     never cross PCIe (accelerate's device maps cannot say this: "cpu" there means offloaded)."""
