@@ -14,10 +14,10 @@ import torch
 import edge_runtime
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from hf_tiny_csm import build_tiny_csm
+from hf_support import speech_prompt
 
 TEXT = "Hi there."
 PROMPT_TEXT = "Front center."
-SPEECH = Path("/usr/share/sounds/alsa/Front_Center.wav")
 # Tiny models are overhead-bound: one thread is as fast and steadier on a shared 2-core machine.
 THREADS = ("runtime.threads=1",)
 # A GPU tier so small that the planner streams the codec's parts from disk (AR blocks go to the
@@ -35,19 +35,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompt(tmp_path_factory) -> Path:
-    """Real speech when alsa-utils' samples are installed, else a voiced harmonic signal."""
-    if SPEECH.is_file():
-        return SPEECH
-    import soundfile as sf
-
-    rate = 24000
-    t = np.arange(int(1.5 * rate)) / rate
-    f0 = 140 + 20 * np.sin(2 * np.pi * 3 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    wave = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
-    path = tmp_path_factory.mktemp("prompt") / "harmonic.wav"
-    sf.write(path, (0.3 * wave / np.abs(wave).max()).astype(np.float32), rate)
-    return path
+    return speech_prompt(tmp_path_factory.mktemp("prompt"), rate=24000)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 import edge_runtime
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.voices import VoiceLibrary
 from hf_tiny_dia import SAMPLE_RATE, build_tiny_dia
+from hf_support import speech_prompt
 
 TEXT = "Hi there."  # short: a random model never emits EOS, so length = the step cap
 VOICE_TEXT = "Hello again."
 TRANSCRIPT = "This is my voice."
-ALSA = Path("/usr/share/sounds/alsa/Front_Center.wav")
 # Tiny models are overhead-bound, and two threads on a busy 2-core machine spin-wait each other
 # (measured 10-20x slower than one thread while other tests ran).
 ONE_THREAD = ("runtime.threads=1",)
@@ -40,18 +39,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompt_wav(tmp_path_factory) -> Path:
-    """Real speech when the system has it, else a voiced harmonic signal with a syllable envelope."""
-    if ALSA.is_file():
-        return ALSA
-    rate = 48000
-    t = np.arange(int(1.5 * rate)) / rate
-    f0 = 130 + 20 * np.sin(2 * np.pi * 1.5 * t)  # a gliding pitch
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
-    audio = 0.3 * voiced * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t)) / 2
-    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
-    sf.write(path, audio.astype(np.float32), rate)
-    return path
+    return speech_prompt(tmp_path_factory.mktemp("prompt"))
 
 
 @pytest.fixture(scope="module")

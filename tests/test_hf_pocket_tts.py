@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 import edge_runtime
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from hf_tiny_pocket_tts import build_tiny_pocket_tts
+from hf_support import speech_prompt
 
 TEXT = "Hello world. How are you today?"  # two sentences: two generate calls
 SHORT = "Hello world."
-REAL_SPEECH = Path("/usr/share/sounds/alsa/Front_Center.wav")
 # A GPU tier just above what streaming needs for this tiny model (activations + KV cache + two
 # copies of the largest streamed block), run on this machine's execution device.
 STREAM_TIER = ("memory.vram_gib=0.0007", "memory.reserve_gib=0", "batching.max_batch=1",
@@ -47,19 +46,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompt_path(tmp_path_factory) -> Path:
-    """Real speech where alsa-utils ships it, else a voiced harmonic signal (f0 with vibrato,
-    decaying harmonics, syllable-like envelope) at 48 kHz, so the prompt is resampled too."""
-    if REAL_SPEECH.is_file():
-        return REAL_SPEECH
-    rate = 48000
-    t = np.arange(int(1.6 * rate)) / rate
-    f0 = 130 + 15 * np.sin(2 * np.pi * 4 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    path = tmp_path_factory.mktemp("prompt") / "harmonic.wav"
-    sf.write(path, (0.3 * voiced * envelope).astype(np.float32), rate)
-    return path
+    return speech_prompt(tmp_path_factory.mktemp("prompt"), seconds=1.6)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""Shared by the transformers-model tests: a voice prompt that is real speech where the system has
+it (Debian's alsa-utils samples), else a voiced harmonic signal with a syllable-like envelope."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+REAL_SPEECH = Path("/usr/share/sounds/alsa/Front_Center.wav")
+
+
+def speech_prompt(folder: Path, rate: int = 48000, seconds: float = 1.5) -> Path:
+    """A prompt file; the synthetic one is written at ``rate`` so loading resamples it."""
+    if REAL_SPEECH.is_file():
+        return REAL_SPEECH
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 130 + 15 * np.sin(2 * np.pi * 4 * t)  # vibrato
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))  # decaying harmonics
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    path = Path(folder) / "harmonic.wav"
+    sf.write(path, (0.3 * voiced * envelope / np.abs(voiced).max()).astype(np.float32), rate)
+    return path
