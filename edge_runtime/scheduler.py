@@ -3,8 +3,27 @@
 The event loop only schedules (queue, gather, cancel, time out); the worker thread only runs the
 model. One worker because one request already keeps every core (or the GPU) busy: more threads
 would only interleave forwards. Requests with the same voice and settings and similar text lengths
-are gathered into one `synthesize_batch` call, up to `max_batch`, waiting at most `max_wait_ms`
-for companions. Streams and voice preparation run alone, in arrival order.
+are gathered into one `synthesize_batch` call, up to `max_batch`. Streams and voice preparation run
+alone, in arrival order.
+
+Gathering waits for companions only while more compatible requests are expected: as many as were
+recently in the system at once (queued, gathered or on the worker; over the last few seconds), so
+a lone client never waits, and closed-loop clients whose previous answers just went out are caught
+when they post again instead of leaving them for the next batch (with no wait at all, 8 clients
+at max_batch 8 settle into alternating batches of 1 and 7). The wait is at most `max_wait_ms`, or,
+when that is 0, a tenth of a batch's measured compute time (`AUTO_WAIT_FRACTION`).
+
+`max_batch: auto` measures requests/s per batch size at start-up (batch_tuning.py) and then keeps
+refining the choice while serving: every speech batch's throughput (characters per worker second,
+in requests of the calibration text's length per second, so batches of other texts compare) is
+folded into a moving average per batch size (`online_curve`); while batches fill up to the current
+size, every `PROBE_EVERY`-th one is run at a neighbouring size (double or half, alternately; one
+already measured only every 4 x `PROBE_EVERY`-th). Each batch at a neighbouring size is compared with
+the current size's moving average at that moment (a paired comparison: the machine's slow drift
+cancels), and the choice moves to the neighbour once at least `MIN_SAMPLES` such ratios say it is
+better by more than `MOVE_MARGIN` with two standard errors to spare; one batch's time varies by
++-20% on a shared 2-core VM, and comparing moving averages taken minutes apart moved on noise. A
+probe up that the load cannot fill simply runs the batch it got.
 """
 
 from __future__ import annotations
@@ -13,6 +32,7 @@ import asyncio
 import functools
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +45,15 @@ import numpy as np
 from .batch_tuning import BATCH_SIZES, CALIBRATION_TEXT, choose_batch_size, measure_batch_curve
 
 log = logging.getLogger(__name__)
+
+AUTO_WAIT_FRACTION = 0.1  # max_wait_ms 0: wait for expected companions up to this share of a batch's time
+LOAD_HORIZON_S = 2.0  # how far back "recently in the system" looks (at least 3 batches' time)
+# online refinement of max_batch auto
+ONLINE_ALPHA = 0.3  # weight of a new sample in a batch size's moving average
+PROBE_EVERY = 8  # while batches fill up, one in this many tries a neighbouring size (x4 once known)
+MIN_SAMPLES = 4  # compared batches a neighbour needs before the choice may move to it
+MOVE_MARGIN = 0.03  # ... and how much better than the current size it must be (beyond 2 standard errors)
+RATIO_WINDOW = 16  # the most recent comparisons kept per neighbour
 
 _END = object()  # end of a stream's chunks
 
@@ -72,6 +101,10 @@ class Job:
 
     def batch_key(self) -> tuple:
         return (self.kind, self.voice, tuple(sorted(self.settings.items())))
+
+    @property
+    def live(self) -> bool:
+        return not self.cancelled
 
 
 class ChunkStream:
@@ -124,7 +157,18 @@ class Scheduler:
         self.runtime = runtime
         self.auto = max_batch == "auto"
         self.max_batch = 1 if self.auto else int(max_batch)
-        self.batch_curve: dict[int, float] = {}
+        self.batch_curve: dict[int, float] = {}  # auto: requests/s per batch size measured at start-up
+        self.online_curve: dict[int, float] = {}  # auto: the same, measured while serving (moving average)
+        self.online_samples: dict[int, int] = {}
+        self._ratios: dict[int, deque[float]] = {}  # neighbour -> log(its rate / current size's average)
+        self.sizes: tuple[int, ...] = ()  # auto: the sizes it may choose from
+        self._full_batches = 0  # batches filled up to max_batch (the size limited them), for probing
+        self._probe_up = True  # the next probe's direction
+        self._probe: int | None = None  # a neighbouring size the next full batch runs at
+        self._batch_s = 0.0  # moving average of a speech batch's worker seconds
+        self._load: dict[tuple, deque[tuple[float, int]]] = {}  # batch key -> (time, compatible requests in the system)
+        self._gathering: list[Job] = []  # taken from the queue, not yet on the worker
+        self._running: list[Job] = []
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.request_timeout_s = request_timeout_s
@@ -144,9 +188,9 @@ class Scheduler:
         thread, then start dispatching."""
         loop = asyncio.get_running_loop()
         if self.auto:
-            sizes = tuple(size for size in BATCH_SIZES if size <= self.queue_size + 1)  # what a gather can hold
+            self.sizes = tuple(size for size in BATCH_SIZES if size <= self.queue_size + 1)  # what a gather can hold
             self.batch_curve = await loop.run_in_executor(
-                self._executor, functools.partial(measure_batch_curve, self.runtime, sizes))
+                self._executor, functools.partial(measure_batch_curve, self.runtime, self.sizes))
             self.max_batch = choose_batch_size(self.batch_curve)
         elif warm_up:
             await loop.run_in_executor(self._executor, self.runtime.synthesize, CALIBRATION_TEXT)
@@ -183,6 +227,7 @@ class Scheduler:
         if len(self._pending) >= self.queue_size:
             raise QueueFullError(self.queue_size, self.retry_after())
         self._pending.append(job)
+        self._note_load(job)
         self._arrived.set()
         return job
 
@@ -223,6 +268,32 @@ class Scheduler:
                 return job
         return None
 
+    # -- load: how many companions a batch can expect ----------------------------------------
+    def _load_horizon(self) -> float:
+        return max(LOAD_HORIZON_S, 3 * self._batch_s)
+
+    def _note_load(self, job: Job) -> None:
+        """On arrival: how many requests compatible with `job` are in the system now (queued,
+        gathered, on the worker), itself included."""
+        if job.kind != "speech":
+            return
+        key = job.batch_key()
+        here = sum(j.live and j.batch_key() == key for j in (*self._pending, *self._gathering, *self._running))
+        now = time.monotonic()
+        since = now - self._load_horizon()
+        for other in [k for k, h in self._load.items() if h[-1][0] < since]:  # voices no longer in use
+            del self._load[other]
+        history = self._load.setdefault(key, deque())
+        history.append((now, here))
+        while history[0][0] < since:
+            history.popleft()
+
+    def expected_load(self, head: Job) -> int:
+        """Compatible requests recently in the system at once (1 when none were)."""
+        history = self._load.get(head.batch_key(), ())
+        since = time.monotonic() - self._load_horizon()
+        return max((count for when, count in history if when >= since), default=1)
+
     def _compatible(self, head: Job) -> Callable[[Job], bool]:
         key, size = head.batch_key(), max(1, len(head.text))
         return lambda job: (job.batch_key() == key
@@ -238,20 +309,31 @@ class Scheduler:
                 await self._arrived.wait()
                 continue
             batch = [head]
-            if head.kind == "speech" and self.max_batch > 1:
-                await self._gather(batch)
-            await self._run(batch)
+            size = self.max_batch
+            if head.kind == "speech" and self._probe is not None:
+                size, self._probe = self._probe, None
+            if head.kind == "speech" and size > 1:
+                self._gathering = batch
+                try:
+                    await self._gather(batch, size)
+                finally:
+                    self._gathering = []
+            await self._run(batch, size)
 
-    async def _gather(self, batch: list[Job]) -> None:
+    async def _gather(self, batch: list[Job], size: int) -> None:
+        """Add compatible queued requests up to `size`; wait for more only while the recent load
+        says they are coming (see the module docstring)."""
         accept = self._compatible(batch[0])
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
+        expected = min(size, self.expected_load(batch[0]))
+        wait = self.max_wait_s if self.max_wait_s > 0 else AUTO_WAIT_FRACTION * self._batch_s
+        deadline = time.monotonic() + wait
+        while len(batch) < size:
             job = self._take(accept)
             if job is not None:
                 batch.append(job)
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing:
+            if len(batch) >= expected or remaining <= 0 or self._closing:
                 return
             self._arrived.clear()
             try:
@@ -259,10 +341,11 @@ class Scheduler:
             except asyncio.TimeoutError:
                 return
 
-    async def _run(self, batch: list[Job]) -> None:
+    async def _run(self, batch: list[Job], size: int = 1) -> None:
         loop = asyncio.get_running_loop()
         head = batch[0]
         self.running = len(batch)
+        self._running = batch
         start = time.monotonic()
         try:
             if head.kind == "stream":
@@ -276,10 +359,16 @@ class Scheduler:
             outcomes = [exc] * len(batch)
         finally:
             self.running = 0
+            self._running = []
             elapsed = time.monotonic() - start
             self._service_s = 0.8 * self._service_s + 0.2 * elapsed / len(batch)
-        if head.kind == "speech" and self.on_batch is not None:
-            self.on_batch(len(batch), elapsed)
+        if head.kind == "speech":
+            served = [job for job, outcome in zip(batch, outcomes) if isinstance(outcome, SpeechResult)]
+            if served and len(served) == len(batch):  # a failed or thinned batch measures nothing
+                self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
+                self._learn(len(batch), sum(len(job.text) for job in batch), elapsed, full=len(batch) >= size)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), elapsed)
         for job, outcome in zip(batch, outcomes):
             if job.future.done():
                 continue
@@ -287,6 +376,64 @@ class Scheduler:
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
+
+    # -- online refinement of max_batch auto ------------------------------------------------------
+    def _learn(self, size: int, chars: int, seconds: float, full: bool) -> None:
+        """Fold one speech batch into the online curve; maybe probe a neighbour or move to it."""
+        if not self.auto or seconds <= 0:
+            return
+        current = self.max_batch
+        if size == current and full:  # the size limited this batch: a neighbour might do better
+            self._full_batches += 1
+            candidate = self._neighbour(current, advance=False)
+            # a neighbour already measured is re-checked 4x less often: each probe costs a little
+            known = candidate is not None and self.online_samples.get(candidate, 0) >= MIN_SAMPLES
+            if self._full_batches >= PROBE_EVERY * (4 if known else 1):
+                self._probe = self._neighbour(current)
+                self._full_batches = 0
+        if size not in self.sizes:  # a partly filled batch: the curve keeps the sizes it chooses from
+            return
+        rate = chars / len(CALIBRATION_TEXT) / seconds  # calibration-length requests per second
+        old = self.online_curve.get(size)
+        self.online_curve[size] = rate if old is None else (1 - ONLINE_ALPHA) * old + ONLINE_ALPHA * rate
+        self.online_samples[size] = self.online_samples.get(size, 0) + 1
+        reference = self.online_curve.get(current)
+        if size in self._neighbours(current) and reference and self.online_samples.get(current, 0) >= 2:
+            ratios = self._ratios.setdefault(size, deque(maxlen=RATIO_WINDOW))
+            ratios.append(math.log(rate / reference))
+            self._maybe_move(current, size)
+
+    def _neighbour(self, current: int, advance: bool = True) -> int | None:
+        """The size to probe next: double and half of `current`, alternately, where they exist."""
+        index = self.sizes.index(current) if current in self.sizes else -1
+        up = self.sizes[index + 1] if 0 <= index < len(self.sizes) - 1 else None
+        down = self.sizes[index - 1] if index > 0 else None
+        first, second = (up, down) if self._probe_up else (down, up)
+        if advance:
+            self._probe_up = not self._probe_up
+        return first if first is not None else second
+
+    def _neighbours(self, current: int) -> tuple[int, ...]:
+        if current not in self.sizes:
+            return ()
+        index = self.sizes.index(current)
+        return tuple(self.sizes[i] for i in (index - 1, index + 1) if 0 <= i < len(self.sizes))
+
+    def _maybe_move(self, current: int, size: int) -> None:
+        """Move to `size` when its batches beat the current size's, beyond noise."""
+        ratios = self._ratios[size]
+        if len(ratios) < MIN_SAMPLES:
+            return
+        mean = statistics.fmean(ratios)
+        error = statistics.stdev(ratios) / math.sqrt(len(ratios))
+        if mean - 2 * error <= math.log(1 + MOVE_MARGIN):
+            return
+        self.max_batch = size
+        self._full_batches = 0
+        self._ratios.clear()  # they were relative to the old size
+        log.info("batching: max_batch auto %d -> %d (measured while serving: %.0f%% more requests/s over %d "
+                 "batches; requests/s by batch size: %s)", current, size, 100 * math.expm1(mean), len(ratios),
+                 ", ".join(f"{s}: {r:.2f}" for s, r in sorted(self.online_curve.items())))
 
     # -- the worker thread --------------------------------------------------------------------
     def _run_call(self, batch: list[Job]) -> list[Any]:

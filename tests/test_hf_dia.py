@@ -180,3 +180,52 @@ def test_bad_prompts_and_settings(rt):
         rt.prepare_voice(noise, sample_rate=8000)
     with pytest.raises(InvalidInputError, match="speaking-rate"):
         rt.synthesize(TEXT, speed=1.5)
+
+
+# four lengths, four step caps; greedy, this random model ends "Hi there." and "Hello again." at an EOS
+# of its own and runs the other two to their caps
+BATCH_TEXTS = ["Hi there.", "How are you today?", "Hello again.", "The quick brown fox."]
+
+
+@pytest.mark.parametrize("with_voice", [False, True])
+def test_batch_equals_one_by_one(rt, prompt_wav, monkeypatch, with_voice):
+    """One generate() for the batch; with greedy decoding each unit's audio is bit-identical to the
+    unit synthesised alone (padding the text batch changes no kernel result here: every row of the
+    encoder, the cross-attention and the decoder is computed independently of the others, and the
+    padded text positions are masked out), each cut at its own EOS or step cap."""
+    adapter = rt.model
+    voice, prepared = None, None
+    if with_voice:
+        voice, prepared, _ = rt.prepare_voice(str(prompt_wav), transcript=TRANSCRIPT)
+    alone = [rt.synthesize(text, voice=voice, noise_scale=0.0)[0] for text in BATCH_TEXTS]
+
+    generates = []
+    real_generate = adapter.model.generate
+    monkeypatch.setattr(adapter.model, "generate", lambda *a, **k: generates.append(1) or real_generate(*a, **k))
+    batched = rt.synthesize_batch(BATCH_TEXTS, voice=voice, max_batch=len(BATCH_TEXTS), noise_scale=0.0)
+    assert len(generates) == 1  # the whole batch in one generate() call
+    assert "_get_logits_processor" not in vars(adapter.model)  # the per-row cap hook is removed again
+
+    for text, single, (audio, rate) in zip(BATCH_TEXTS, alone, batched):
+        check_audio(audio, rate, rt)
+        assert np.array_equal(audio, single), text
+    hop = int(np.prod(adapter.codec.config.downsampling_ratios))
+    start = prepared.extra["prompt_frames"] if with_voice else 1
+    caps = [adapter.max_new_tokens(adapter.split_text(t)[0], start) - max(adapter.delays) - 1
+            for t in BATCH_TEXTS]  # frames each unit may produce alone
+    frames = [audio.size // hop for audio, _ in batched]
+    assert all(0 < f <= cap for f, cap in zip(frames, caps)) and len(set(frames)) == len(frames)
+    if not with_voice:
+        # a row shorter than the batch stops at its own cap (Dia forces its EOS there, per row: without
+        # that its last frames would be generated after a frame that had no EOS, and differ)
+        assert frames[1] == caps[1] < caps[3] == frames[3]
+        assert frames[2] < caps[2]  # ended at its own EOS while the batch ran on
+
+
+def test_batch_of_one_and_empty(rt):
+    from edge_runtime.models.base import SynthesisSettings
+
+    greedy = SynthesisSettings(noise_scale=0.0)
+    assert rt.model.synthesize_batch([], greedy) == []
+    (audio,) = rt.model.synthesize_batch([TEXT], greedy)
+    assert np.array_equal(audio, rt.synthesize(TEXT, noise_scale=0.0)[0])

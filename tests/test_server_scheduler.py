@@ -196,3 +196,119 @@ def test_auto_measures_the_curve_and_uses_the_best():
     assert set(scheduler.batch_curve) == {1, 2, 4}  # 4 gained nothing: 8 never tried
     slow = measure_batch_curve(FakeRuntime(batch_cost={1: 0.01, 2: 0.1}), sizes=(1, 2, 4), repeats=1)
     assert choose_batch_size(slow) == 1 and list(slow) == [1, 2]
+
+
+async def closed_loop(scheduler: Scheduler, clients: int, each: int, text: str = "abcd") -> list:
+    """`clients` callers, each sending its next request 1-5 ms after the previous answer came back
+    (an HTTP client's round trip: they come back one by one, not all in one event-loop turn)."""
+    async def client(index: int) -> list:
+        results = []
+        for _ in range(each):
+            results.append(await scheduler.synthesize(text))
+            await asyncio.sleep(0.001 + 0.004 * index / clients)
+        return results
+
+    results = await asyncio.gather(*(client(i) for i in range(clients)))
+    return [r for per_client in results for r in per_client]
+
+
+def test_lone_request_does_not_wait_for_companions():
+    async def main():
+        rt = FakeRuntime()
+        scheduler = await started(rt, max_batch=4, max_wait_ms=2000)
+        start = time.monotonic()
+        await scheduler.synthesize("alone")  # nobody else was in the system recently: no wait
+        took = time.monotonic() - start
+        await scheduler.close()
+        return took
+
+    assert run(main()) < 1.0
+
+
+def test_closed_loop_clients_fill_batches_without_a_configured_wait():
+    """max_wait_ms 0 with max_batch 8: the scheduler still waits (a tenth of a batch's time) for the
+    clients whose answers just went out, instead of alternating batches of 1 and 7."""
+    async def main():
+        rt = FakeRuntime(batch_cost={n: 0.1 for n in range(1, 9)})
+        scheduler = await started(rt, max_batch=8, max_wait_ms=0, queue_size=16)
+        await closed_loop(scheduler, clients=8, each=8)
+        await scheduler.close()
+        return [len(call) for call in rt.calls]
+
+    sizes = run(main())
+    assert sum(sizes) == 64
+    assert sum(size == 8 for size in sizes) >= len(sizes) - 3, sizes  # a ramp-up, then full batches
+
+
+def per_request_cost(costs: dict[int, float]) -> dict[int, float]:
+    """Batch size -> seconds for the whole batch, from seconds per request at some sizes (others
+    take the nearest smaller size's)."""
+    out, last = {}, None
+    for size in range(1, 17):
+        last = costs.get(size, last)
+        out[size] = last * size
+    return out
+
+
+@pytest.mark.parametrize("startup_curve, costs, chosen, refined", [
+    # start-up measured batching as useless (noise, or another text); serving shows batch 4 is best
+    ({1: 10.0, 2: 5.0}, {1: 0.02, 2: 0.01, 4: 0.006, 8: 0.012}, 1, 4),
+    # start-up measured batch 4 as best; serving shows every batch costs more per request than one alone
+    ({1: 1.0, 2: 2.0, 4: 4.0, 8: 2.0}, {1: 0.004, 2: 0.008, 4: 0.012}, 4, 1),
+])
+def test_auto_refines_the_choice_online(monkeypatch, startup_curve, costs, chosen, refined):
+    import edge_runtime.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "measure_batch_curve", lambda runtime, sizes: dict(startup_curve))
+    monkeypatch.setattr(scheduler_module, "PROBE_EVERY", 2)  # probe often: a short test
+    rt = FakeRuntime(batch_cost=per_request_cost(costs))
+    seen = []
+
+    async def main():
+        scheduler = await started(rt, max_batch="auto", max_wait_ms=0, queue_size=16)
+        seen.append(scheduler.max_batch)
+        for _ in range(6):
+            await closed_loop(scheduler, clients=8, each=12)
+            seen.append(scheduler.max_batch)
+        await scheduler.close()
+        return scheduler
+
+    scheduler = run(main())
+    assert seen[0] == chosen
+    assert scheduler.max_batch == refined, (seen, scheduler.online_curve)
+    assert scheduler.batch_curve == startup_curve  # the start-up curve stays what was measured
+    # the online curve ranks the sizes as the real costs do
+    measured = {s: r for s, r in scheduler.online_curve.items() if scheduler.online_samples[s] >= 3}
+    assert max(measured, key=measured.get) == refined
+
+
+def test_auto_does_not_move_on_noise(monkeypatch):
+    """Every size costs the same per request, each batch +-20% at random (a shared VM): the
+    choice stays where start-up put it."""
+    import random
+
+    import edge_runtime.scheduler as scheduler_module
+
+    class Noisy(FakeRuntime):
+        def synthesize_batch(self, texts, voice=None, max_batch=None, **settings):
+            time.sleep(0.004 * len(texts) * rng.uniform(0.8, 1.2))
+            return super().synthesize_batch(texts, voice, max_batch, **settings)
+
+        def synthesize(self, text, voice=None, **settings):
+            time.sleep(0.004 * rng.uniform(0.8, 1.2))
+            return super().synthesize(text, voice, **settings)
+
+    rng = random.Random(0)
+    monkeypatch.setattr(scheduler_module, "measure_batch_curve", lambda runtime, sizes: {1: 1.0, 2: 1.5, 4: 2.0, 8: 1.0})
+    monkeypatch.setattr(scheduler_module, "PROBE_EVERY", 2)
+
+    async def main():
+        scheduler = await started(Noisy(), max_batch="auto", max_wait_ms=0, queue_size=16)
+        for _ in range(5):
+            await closed_loop(scheduler, clients=8, each=12)
+        await scheduler.close()
+        return scheduler
+
+    scheduler = run(main())
+    assert scheduler.max_batch == 4
+    assert sum(map(len, scheduler._ratios.values())) >= 8  # neighbours were compared, not ignored

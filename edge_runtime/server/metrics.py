@@ -86,19 +86,28 @@ class ServerMetrics:
         self.batch_curve = Gauge(f"{PREFIX}_batch_throughput_requests_per_second",
                                  "max_batch auto: requests/s measured at warm-up per batch size.",
                                  ["batch_size"], registry=registry)
+        self.batch_curve_online = Gauge(f"{PREFIX}_batch_throughput_online_requests_per_second",
+                                        "max_batch auto: requests/s per batch size measured while serving "
+                                        "(moving average; requests of the calibration text's length).",
+                                        ["batch_size"], registry=registry)
+        self._scheduler: Any = None
         registry.register(RuntimeCollector(runtime))
 
     def watch_scheduler(self, scheduler: Any) -> None:
         """Queue figures are read from the scheduler at scrape time; the batch curve once."""
         self.queue_depth.set_function(lambda: scheduler.depth)
         self.in_flight.set_function(lambda: scheduler.running)
-        self.max_batch.set(scheduler.max_batch)
+        self.max_batch.set_function(lambda: scheduler.max_batch)  # auto refines it while serving
         for size, rps in scheduler.batch_curve.items():
             self.batch_curve.labels(batch_size=str(size)).set(rps)
+        self._scheduler = scheduler
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+        if self._scheduler is not None:
+            for batch_size, rps in getattr(self._scheduler, "online_curve", {}).items():
+                self.batch_curve_online.labels(batch_size=str(batch_size)).set(rps)
 
     def observe_speech(self, *, stream: bool, latency_s: float, ttfa_s: float | None, audio_s: float,
                        compute_s: float | None) -> None:

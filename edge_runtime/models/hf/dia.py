@@ -18,6 +18,7 @@ by hub id (descript/dac_44khz), which AutoProcessor resolves in the local Huggin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -130,34 +131,105 @@ class DiaSpeechModel(HFSpeechModel):
                                     "shorter prompt (limits.max_prompt_seconds)")
         return min(frames + tail, room)
 
-    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,
-                        stream: bool = False) -> Iterator[np.ndarray]:
-        script = f"[S1] {unit}"
+    def _script(self, unit: str, voice: PreparedVoice | None) -> str:
         if voice is not None and voice.transcript:
-            script = f"[S1] {voice.transcript} [S1] {unit}"
-        # text only: the processor's decoder start is all-BOS and the DAC encoder does not run
-        # one text, so no padding (with padding the tokenizer warns about max_length on every call;
-        # the audio path needs it, so prepare_voice keeps the default)
-        inputs = dict(self.processor(text=[script], padding=False, **self.processor_kwargs))
+            return f"[S1] {voice.transcript} [S1] {unit}"
+        return f"[S1] {unit}"
+
+    def _inputs(self, units: list[str], voice: PreparedVoice | None) -> tuple[dict, int]:
+        """Processor inputs for a batch of sentences (text only: the decoder start is all-BOS and
+        the DAC encoder does not run), the stored voice prefix repeated per row, and the frame
+        where generated audio starts. One text is not padded; several are padded to the longest
+        ("longest": the default pads to the tokenizer's max_length and warns on every call)."""
+        scripts = [self._script(unit, voice) for unit in units]
+        padding = "longest" if len(scripts) > 1 else False
+        inputs = dict(self.processor(text=scripts, padding=padding, **self.processor_kwargs))
         text_cap = int(self.config.encoder_config.max_position_embeddings)
-        if inputs["input_ids"].shape[1] > text_cap:
-            raise InvalidInputError(f"sentence plus prompt transcript is {inputs['input_ids'].shape[1]} bytes; "
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if longest > text_cap:
+            raise InvalidInputError(f"sentence plus prompt transcript is {longest} bytes; "
                                     f"Dia's text encoder takes at most {text_cap}")
         start = 1  # the BOS frame
         if voice is not None:
-            inputs["decoder_input_ids"] = voice.tensors["decoder_input_ids"].clone()
-            inputs["decoder_attention_mask"] = voice.tensors["decoder_attention_mask"].clone()
+            rows = len(scripts)
+            inputs["decoder_input_ids"] = voice.tensors["decoder_input_ids"].repeat(rows, 1, 1)
+            inputs["decoder_attention_mask"] = voice.tensors["decoder_attention_mask"].repeat(rows, 1)
             start = int(voice.extra["prompt_frames"])
-        options = {"max_new_tokens": self.max_new_tokens(unit, start)}
+        return inputs, start
+
+    def _options(self, settings: SynthesisSettings, max_new_tokens: int) -> dict:
+        options = {"max_new_tokens": max_new_tokens}
         # Sampling follows generation_config.json (CFG, temperature, top-k); noise_scale 0 asks for
         # greedy decoding (reproducible without a seed). Other noise values have no Dia meaning.
         if settings.noise_scale == 0:
             options["do_sample"] = False
+        return options
+
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        inputs, start = self._inputs([unit], voice)
+        options = self._options(settings, self.max_new_tokens(unit, start))
         self.generator(settings)
         with torch.inference_mode():
             out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **options)
             audio = self.decode(out, start)
         yield audio  # outside inference mode: the consumer runs between our steps
+
+    def synthesize_batch(self, units: list[str], settings: SynthesisSettings,
+                         voice: PreparedVoice | None = None) -> list[np.ndarray]:
+        """Several sentences in ONE generate() call (same voice and settings): one audio per unit,
+        each as long as it would be alone. Every row keeps its own step cap: the EOS that Dia forces
+        at the cap is forced per row (a shorter row ends at its own cap, not the batch's longest),
+        so with greedy decoding each row's codes are those of the unit generated alone; rows that
+        ended early are padded by generate() and cut at their own EOS before the DAC decodes them.
+        Seeded sampling draws its random numbers for the whole batch, so it differs from one by one."""
+        if not units:
+            return []
+        if len(units) == 1:
+            return [np.concatenate(list(self.synthesize_unit(units[0], settings, voice)))]
+        inputs, start = self._inputs(units, voice)
+        caps = [self.max_new_tokens(unit, start) for unit in units]
+        # decoder frames before generation: the prefix minus its delay padding (what generate() keeps)
+        ids = inputs["decoder_input_ids"]
+        prefix = int(ids.shape[1] - (ids[:, :, 0] == self.config.decoder_config.pad_token_id).sum(dim=1).max())
+        options = self._options(settings, max(caps))
+        self.generator(settings)
+        with torch.inference_mode(), self._row_caps([max(caps) - cap for cap in caps]):
+            out = self.model.generate(**{k: v.to(self.device) for k, v in inputs.items()}, **options)
+            return [self.decode(out[row:row + 1, :prefix + cap], start) for row, cap in enumerate(caps)]
+
+    @contextlib.contextmanager
+    def _row_caps(self, shortfall: list[int]):
+        """During one generate(): Dia's EOS processor forces channel 0's EOS when the sequence
+        reaches the (single) max length; make that length per row, `shortfall[row]` steps earlier
+        than the batch's. Its comparison `input_ids.shape[1] == max_generation_len` works unchanged
+        with a tensor of per-row lengths. transformers' Dia ignores a caller's logits_processor
+        list, hence the wrapper around the model's own _get_logits_processor (instance attribute,
+        removed afterwards; the runtime's lock keeps forwards one at a time)."""
+        from transformers.generation.logits_process import DiaEOSDelayPatternLogitsProcessor
+
+        model = self.model
+        build = model._get_logits_processor
+        found = []
+
+        def with_row_caps(*args, **kwargs):
+            processors = build(*args, **kwargs)
+            for processor in processors:
+                if isinstance(processor, DiaEOSDelayPatternLogitsProcessor):
+                    lengths = torch.tensor([processor.max_generation_len - s for s in shortfall],
+                                           device=processor.device)
+                    processor.max_generation_len = lengths
+                    found.append(processor)
+            return processors
+
+        model._get_logits_processor = with_row_caps
+        try:
+            yield
+        finally:
+            del model._get_logits_processor
+        if not found:
+            raise RuntimeError("transformers' Dia generate() no longer uses DiaEOSDelayPatternLogitsProcessor: "
+                               "per-row step caps cannot be applied")
 
     def decode(self, out: torch.Tensor, start: int) -> np.ndarray:
         """Delayed codes (1, steps, channels), prompt included -> float32 audio of the frames after
