@@ -18,12 +18,13 @@ refining the choice while serving: every speech batch's throughput (characters p
 in requests of the calibration text's length per second, so batches of other texts compare) is
 folded into a moving average per batch size (`online_curve`); while batches fill up to the current
 size, every `PROBE_EVERY`-th one is run at a neighbouring size (double or half, alternately; one
-already measured only every 4 x `PROBE_EVERY`-th). Each batch at a neighbouring size is compared with
-the current size's moving average at that moment (a paired comparison: the machine's slow drift
-cancels), and the choice moves to the neighbour once at least `MIN_SAMPLES` such ratios say it is
-better by more than `MOVE_MARGIN` with two standard errors to spare; one batch's time varies by
-+-20% on a shared 2-core VM, and comparing moving averages taken minutes apart moved on noise. A
-probe up that the load cannot fill simply runs the batch it got.
+already measured, at start-up or while serving, only every 4 x `PROBE_EVERY`-th). Each batch at a
+neighbouring size is compared with the current size's moving average at that moment (a paired
+comparison: the machine's slow drift cancels), and the choice moves to the neighbour once at
+least `MIN_SAMPLES` such ratios say it is better by more than `MOVE_MARGIN` with two standard
+errors to spare; one batch's time varies by +-20% on a shared 2-core VM, and comparing moving
+averages taken minutes apart moved on noise. A probe up that the load cannot fill simply runs the
+batch it got.
 """
 
 from __future__ import annotations
@@ -386,8 +387,10 @@ class Scheduler:
         if size == current and full:  # the size limited this batch: a neighbour might do better
             self._full_batches += 1
             candidate = self._neighbour(current, advance=False)
-            # a neighbour already measured is re-checked 4x less often: each probe costs a little
-            known = candidate is not None and self.online_samples.get(candidate, 0) >= MIN_SAMPLES
+            # a neighbour already measured (at start-up or while serving) is re-checked 4x less
+            # often: each probe of a size that does not pay costs its batch a little
+            known = candidate is not None and (candidate in self.batch_curve
+                                               or self.online_samples.get(candidate, 0) >= MIN_SAMPLES)
             if self._full_batches >= PROBE_EVERY * (4 if known else 1):
                 self._probe = self._neighbour(current)
                 self._full_batches = 0

@@ -7,13 +7,16 @@ Every (model, setting) is its own `edge-runtime serve` process (profile `cpu`, `
 `--set batching.max_batch=N|auto`, everything else the profile's; fixed sizes with --no-warm-up, as
 the bench warms every server itself), started one after another so that auto's start-up
 measurement runs on a quiet machine, then all kept up while the rows are measured. Rows are
-measured concurrency by concurrency, every setting of a model back to back (the order rotated from
-row to row), so a slow drift of the (shared) machine hits the settings of one row alike. Each row:
-N asyncio httpx clients (closed loop: each posts its next request when the previous answer
-arrived) posting /v1/audio/speech; the first N answers (one wave, unmeasured) bring the server to
-its steady state, then the row's request count is measured: requests/s = measured answers / time
-from the end of the first wave to the last answer, latency = post to last byte of each request
-posted after the first wave.
+measured concurrency by concurrency, in rounds (default 3): each round runs every setting of the
+model back to back (the order rotated from round to round). Each run: N asyncio httpx clients
+(closed loop: each posts its next request when the previous answer arrived) posting
+/v1/audio/speech; the first N answers (one wave, unmeasured) bring the server to its steady state,
+then the round's request count is measured: requests/s = measured answers / time from the end of
+the first wave to the last answer, latency = post to last byte of each request posted after the
+first wave. A row's requests/s is the median of its rounds; its latencies are pooled. Auto is
+compared with the best fixed size round by round (the two ran back to back, so the machine's drift
+cancels), and the median of those ratios is the row's figure. Responses carry the server's own
+X-Queue-Seconds and X-Compute-Seconds, printed per row to show where latency goes.
 
 Noise: on a shared 2-core VM one request's time varies by +-20% from minute to minute (CPU steal);
 at 1 client every setting runs the same batches of 1, so the spread of that row is printed as the
@@ -156,6 +159,8 @@ async def drive(url: str, texts: tuple[str, ...], concurrency: int, requests: in
     measure_from = None  # when the warm-th answer arrived
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    queued: list[float] = []  # server-side: waiting for the worker (X-Queue-Seconds)
+    computed: list[float] = []  # server-side: the batch's forward (X-Compute-Seconds)
     errors: list[str] = []
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -178,6 +183,8 @@ async def drive(url: str, texts: tuple[str, ...], concurrency: int, requests: in
             if index >= warm:
                 latencies.append(end - start)
                 batch_sizes.append(int(response.headers.get("x-batch-size", "1")))
+                queued.append(float(response.headers.get("x-queue-seconds", "nan")))
+                computed.append(float(response.headers.get("x-compute-seconds", "nan")))
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -187,10 +194,21 @@ async def drive(url: str, texts: tuple[str, ...], concurrency: int, requests: in
     if not latencies:
         raise RuntimeError(f"no request succeeded: {errors[:3]}")
     wall = end - (measure_from or start)
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "error_samples": errors[:3], "seconds": wall, "rps": (completed - warm) / wall,
-            "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
-            "mean_batch": statistics.fmean(batch_sizes), "max_batch_seen": max(batch_sizes)}
+    return {"concurrency": concurrency, "errors": errors, "seconds": wall, "rps": (completed - warm) / wall,
+            "latencies": latencies, "batch_sizes": batch_sizes, "queued": queued, "computed": computed}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from a setting's rounds at one concurrency: requests/s is the median of the rounds'
+    (a round slowed by the machine does not drag it); latencies are pooled."""
+    pooled = {key: [v for r in rounds for v in r[key]] for key in ("latencies", "batch_sizes", "queued", "computed")}
+    errors = [e for r in rounds for e in r["errors"]]
+    return {"concurrency": rounds[0]["concurrency"], "requests": len(pooled["latencies"]), "errors": len(errors),
+            "error_samples": errors[:3], "rounds_rps": [r["rps"] for r in rounds],
+            "rps": statistics.median(r["rps"] for r in rounds),
+            "p50_s": percentile(pooled["latencies"], 0.5), "p95_s": percentile(pooled["latencies"], 0.95),
+            "mean_batch": statistics.fmean(pooled["batch_sizes"]), "max_batch_seen": max(pooled["batch_sizes"]),
+            "queue_p50_s": percentile(pooled["queued"], 0.5), "compute_p50_s": percentile(pooled["computed"], 0.5)}
 
 
 def build_dia(folder: Path) -> Path:
@@ -206,7 +224,7 @@ def build_dia(folder: Path) -> Path:
 
 
 def bench_model(name: str, model: str | None, texts: tuple[str, ...], settings: tuple[str, ...],
-                concurrency: tuple[int, ...], requests_for, extra_sets: tuple[str, ...] = ()) -> dict:
+                concurrency: tuple[int, ...], requests_for, rounds: int, extra_sets: tuple[str, ...] = ()) -> dict:
     servers: dict[str, Server] = {}
     rows: list[dict] = []
     try:
@@ -216,15 +234,26 @@ def bench_model(name: str, model: str | None, texts: tuple[str, ...], settings: 
             log(f"[{name}]   up in {server.startup_s:.1f} s at {server.url}; {server.batching_line}")
         for server in servers.values():  # first requests pay one-off costs (connections, caches)
             asyncio.run(drive(server.url, texts, 1, 2))
-        for index, clients in enumerate(concurrency):
+        turn = 0
+        for clients in concurrency:
             count = requests_for(clients)
-            order = settings[index % len(settings):] + settings[:index % len(settings)]
-            for setting in order:
-                row = asyncio.run(drive(servers[setting].url, texts, clients, count, warm=clients))
+            measured: dict[str, list[dict]] = {setting: [] for setting in settings}
+            for round_index in range(rounds):
+                order = settings[turn % len(settings):] + settings[:turn % len(settings)]
+                turn += 1
+                for setting in order:
+                    result = asyncio.run(drive(servers[setting].url, texts, clients, count, warm=clients))
+                    measured[setting].append(result)
+                    log(f"[{name}] round {round_index + 1}/{rounds} max_batch={setting:>4} clients={clients:>2}: "
+                        f"{result['rps']:.2f} req/s, p50 {percentile(result['latencies'], 0.5):.2f} s, "
+                        f"mean batch {statistics.fmean(result['batch_sizes']):.1f}")
+            for setting in settings:
+                row = merge_rounds(measured[setting])
                 row.update(model=name, setting=setting)
                 rows.append(row)
-                log(f"[{name}] max_batch={setting:>4} clients={clients:>2}: {row['rps']:.2f} req/s, "
-                    f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, mean batch {row['mean_batch']:.1f}")
+                log(f"[{name}] max_batch={setting:>4} clients={clients:>2}: {row['rps']:.2f} req/s (median of "
+                    f"{rounds}), p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, mean batch {row['mean_batch']:.1f}"
+                    f" (server: queued p50 {row['queue_p50_s']:.2f} s, compute p50 {row['compute_p50_s']:.2f} s)")
         auto = None
         if "auto" in servers:
             server = servers["auto"]
@@ -253,7 +282,10 @@ def targets(result: dict, autoregressive: bool) -> dict:
         if ("auto", clients) not in by:
             continue
         best = max(fixed, key=lambda s: by[(s, clients)]["rps"])
-        ratio = by[("auto", clients)]["rps"] / by[(best, clients)]["rps"]
+        # paired: auto's round r against the best fixed size's round r, run back to back, so the
+        # machine's drift between rounds cancels; the median over rounds
+        pairs = zip(by[("auto", clients)]["rounds_rps"], by[(best, clients)]["rounds_rps"])
+        ratio = statistics.median(a / b for a, b in pairs)
         checks["rows"].append({"concurrency": clients, "best_fixed": int(best), "ratio": ratio, "ok": ratio >= 0.95})
     checks["auto_vs_best_fixed_ok"] = all(r["ok"] for r in checks["rows"])
     if autoregressive and ("auto", 8) in by and ("1", 8) in by and ("1", 1) in by:
@@ -312,10 +344,12 @@ def main() -> int:
     parser.add_argument("--models", default="piper,dia", help="comma-separated: piper, dia (default both)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="max_batch settings (default auto,1,2,4,8)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="clients per row")
-    parser.add_argument("--piper-requests", type=int, default=4,
-                        help="requests per row for the embedded voice: max(16, N x clients) (default 4)")
-    parser.add_argument("--dia-requests", type=int, default=2,
-                        help="requests per row for Dia: max(8, N x clients) (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per row, interleaved with the other settings; requests/s is their median (default 3)")
+    parser.add_argument("--piper-requests", type=int, default=2,
+                        help="requests per round for the embedded voice: max(12, N x clients) (default 2)")
+    parser.add_argument("--dia-requests", type=int, default=1,
+                        help="requests per round for Dia: max(8, N x clients) (default 1)")
     parser.add_argument("--set", action="append", default=[], dest="extra_sets",
                         help="extra --set KEY=VALUE for every server (e.g. batching.max_wait_ms=20)")
     parser.add_argument("-o", "--output", default=str(ROOT / "bench_results" / "batching.json"))
@@ -331,12 +365,12 @@ def main() -> int:
         for name in models:
             if name == "piper":
                 result = bench_model("piper:en_US-joe-medium", None, PIPER_TEXTS, settings, concurrency,
-                                     lambda c: max(16, args.piper_requests * c), extra)
+                                     lambda c: max(12, args.piper_requests * c), args.rounds, extra)
                 result["targets"] = targets(result, autoregressive=False)
             elif name == "dia":
                 folder = build_dia(Path(tmp) / "tiny-dia")
                 result = bench_model("dia (tiny, random)", str(folder), DIA_TEXTS, settings, concurrency,
-                                     lambda c: max(8, args.dia_requests * c), extra)
+                                     lambda c: max(8, args.dia_requests * c), args.rounds, extra)
                 result["targets"] = targets(result, autoregressive=True)
             else:
                 parser.error(f"unknown model {name!r}; use piper or dia")
@@ -369,7 +403,7 @@ def main() -> int:
                            "load_average_at_end": os.getloadavg()},
                "server": {"profile": "cpu", "sets": ["runtime.threads=1", "batching.max_batch=<setting>", *extra],
                           "response_format": "flac"},
-               "settings": list(settings), "concurrency": list(concurrency), "total_s": total, "results": results}
+               "settings": list(settings), "concurrency": list(concurrency), "rounds": args.rounds, "total_s": total, "results": results}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))

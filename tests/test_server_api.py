@@ -47,6 +47,16 @@ def test_openai_client_formats_decode(client, fmt):
     assert audio.size > 0 and np.isfinite(audio).all()
 
 
+def test_whole_audio_response_says_where_its_time_went(server):
+    response = post_speech(server, {"model": "tts-1", "voice": "alloy", "input": "Timing headers.",
+                                    "response_format": "flac"})
+    assert response.status_code == 200
+    assert response.headers["x-batch-size"] == "1"
+    queued, compute = float(response.headers["x-queue-seconds"]), float(response.headers["x-compute-seconds"])
+    assert 0 <= queued < compute  # one request on an idle server: no wait, some forward
+    assert response.headers["x-sample-rate"] == "22050"
+
+
 def test_openai_client_streaming_wav_and_pcm(client):
     text = "First sentence streams at once. The second one follows it. And a third."
     with client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=text,

@@ -112,7 +112,9 @@ class SpeechService:
         self.metrics.observe_speech(stream=False, latency_s=elapsed, ttfa_s=elapsed,
                                     audio_s=len(result.audio) / result.sample_rate, compute_s=result.compute_s)
         return Response(data, media_type=audio.MEDIA_TYPES[req.response_format],
-                        headers={"X-Sample-Rate": str(result.sample_rate), "X-Batch-Size": str(result.batch_size)})
+                        headers={"X-Sample-Rate": str(result.sample_rate), "X-Batch-Size": str(result.batch_size),
+                                 "X-Queue-Seconds": f"{result.queued_s:.3f}",
+                                 "X-Compute-Seconds": f"{result.compute_s:.3f}"})
 
     async def _stream(self, req: SpeechRequest, request: Request, voice_id: str | None, settings: dict,
                       start: float) -> Response:
