@@ -186,13 +186,14 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, warm_up: bool = True) -> None:
         """Warm the model up (and measure the batch curve for `max_batch: auto`) on the worker
-        thread, then start dispatching."""
+        thread, then start dispatching. Without warm-up, auto starts at 1 and learns while serving."""
         loop = asyncio.get_running_loop()
         if self.auto:
             self.sizes = tuple(size for size in BATCH_SIZES if size <= self.queue_size + 1)  # what a gather can hold
-            self.batch_curve = await loop.run_in_executor(
-                self._executor, functools.partial(measure_batch_curve, self.runtime, self.sizes))
-            self.max_batch = choose_batch_size(self.batch_curve)
+            if warm_up:
+                self.batch_curve = await loop.run_in_executor(
+                    self._executor, functools.partial(measure_batch_curve, self.runtime, self.sizes))
+                self.max_batch = choose_batch_size(self.batch_curve)
         elif warm_up:
             await loop.run_in_executor(self._executor, self.runtime.synthesize, CALIBRATION_TEXT)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-runtime-dispatcher")

@@ -11,9 +11,10 @@ measured concurrency by concurrency, in rounds (default 3): each round runs ever
 model back to back (the order rotated from round to round). Each run: N asyncio httpx clients
 (closed loop: each posts its next request when the previous answer arrived) posting
 /v1/audio/speech; the first N answers (one wave, unmeasured) bring the server to its steady state,
-then the round's request count is measured: requests/s = measured answers / time from the end of
-the first wave to the last answer, latency = post to last byte of each request posted after the
-first wave. A row's requests/s is the median of its rounds; its latencies are pooled. Auto is
+then the round's request count is measured: latency = post to last byte of each request posted
+after the first wave; requests/s = clients / mean latency (Little's law: each client always has one
+request in flight; answers over a wall-clock window would be off by up to a whole batch at either
+end, and 16 requests at batch 8 are just two batches; the wall-clock figure is kept in the JSON). A row's requests/s is the median of its rounds; its latencies are pooled. Auto is
 compared with the best fixed size round by round (the two ran back to back, so the machine's drift
 cancels), and the median of those ratios is the row's figure. Responses carry the server's own
 X-Queue-Seconds and X-Compute-Seconds, printed per row to show where latency goes.
@@ -194,8 +195,12 @@ async def drive(url: str, texts: tuple[str, ...], concurrency: int, requests: in
     if not latencies:
         raise RuntimeError(f"no request succeeded: {errors[:3]}")
     wall = end - (measure_from or start)
-    return {"concurrency": concurrency, "errors": errors, "seconds": wall, "rps": (completed - warm) / wall,
-            "latencies": latencies, "batch_sizes": batch_sizes, "queued": queued, "computed": computed}
+    # Little's law: every client always has one request in flight (it posts again at once), so
+    # requests/s = clients / mean latency. Answers counted over a wall-clock window would be off by
+    # up to a batch at either end: 16 requests at batch 8 are only two batches.
+    return {"concurrency": concurrency, "errors": errors, "rps": concurrency / statistics.fmean(latencies),
+            "rps_wall": (completed - warm) / wall, "latencies": latencies, "batch_sizes": batch_sizes,
+            "queued": queued, "computed": computed}
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -205,7 +210,8 @@ def merge_rounds(rounds: list[dict]) -> dict:
     errors = [e for r in rounds for e in r["errors"]]
     return {"concurrency": rounds[0]["concurrency"], "requests": len(pooled["latencies"]), "errors": len(errors),
             "error_samples": errors[:3], "rounds_rps": [r["rps"] for r in rounds],
-            "rps": statistics.median(r["rps"] for r in rounds),
+            "rounds_rps_wall": [r["rps_wall"] for r in rounds], "rps": statistics.median(r["rps"] for r in rounds),
+            "latencies_s": [round(v, 4) for v in pooled["latencies"]], "batch_sizes": pooled["batch_sizes"],
             "p50_s": percentile(pooled["latencies"], 0.5), "p95_s": percentile(pooled["latencies"], 0.95),
             "mean_batch": statistics.fmean(pooled["batch_sizes"]), "max_batch_seen": max(pooled["batch_sizes"]),
             "queue_p50_s": percentile(pooled["queued"], 0.5), "compute_p50_s": percentile(pooled["computed"], 0.5)}

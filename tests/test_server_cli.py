@@ -37,7 +37,7 @@ def test_serve_prints_startup_serves_and_drains_on_sigterm(tmp_path):
             if line.startswith("serving on "):
                 break
         startup = "".join(lines)
-        assert "profile: cpu" in startup and "plan: " in startup and "batching: max_batch 1" in startup, startup
+        assert "profile: cpu" in startup and "plan: " in startup and "batching: max_batch auto -> 1 (not measured" in startup, startup
         assert "auth: API key required" in startup
         url = re.search(r"serving on (http://127\.0\.0\.1:\d+)", startup).group(1)
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

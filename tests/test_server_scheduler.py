@@ -61,9 +61,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def started(rt, **kwargs) -> Scheduler:
+async def started(rt, warm_up: bool | None = None, **kwargs) -> Scheduler:
+    """A started scheduler; warmed up (which measures the curve) only for max_batch auto by default."""
     scheduler = Scheduler(rt, **kwargs)
-    await scheduler.start(warm_up=False)
+    await scheduler.start(warm_up=kwargs.get("max_batch") == "auto" if warm_up is None else warm_up)
     return scheduler
 
 
@@ -280,6 +281,24 @@ def test_auto_refines_the_choice_online(monkeypatch, startup_curve, costs, chose
     # the online curve ranks the sizes as the real costs do
     measured = {s: r for s, r in scheduler.online_curve.items() if scheduler.online_samples[s] >= 3}
     assert max(measured, key=measured.get) == refined
+
+
+def test_auto_without_warm_up_starts_at_one_and_learns_while_serving(monkeypatch):
+    import edge_runtime.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "PROBE_EVERY", 2)
+    rt = FakeRuntime(batch_cost=per_request_cost({1: 0.02, 2: 0.01, 4: 0.006}))
+
+    async def main():
+        scheduler = await started(rt, max_batch="auto", max_wait_ms=0, queue_size=16, warm_up=False)
+        assert scheduler.max_batch == 1 and scheduler.batch_curve == {} and rt.calls == []  # nothing ran
+        for _ in range(4):
+            await closed_loop(scheduler, clients=8, each=12)
+        await scheduler.close()
+        return scheduler
+
+    scheduler = run(main())
+    assert scheduler.max_batch >= 2, scheduler.online_curve  # batching pays here, and it found out
 
 
 def test_auto_does_not_move_on_noise(monkeypatch):

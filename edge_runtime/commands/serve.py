@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="largest voice-prompt upload in MiB (default 10)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests before cancelling them (default 30)")
-    p.add_argument("--no-warm-up", action="store_true", help="skip the warm-up synthesis at start")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip the warm-up synthesis at start (max_batch auto then starts at 1 and learns while serving)")
     p.add_argument("--telemetry", help="append per-request telemetry as JSON lines to this file")
     p.set_defaults(handler=run)
     return p

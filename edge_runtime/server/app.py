@@ -26,8 +26,11 @@ from .voice_store import VoiceStore
 
 
 def describe_batching(scheduler: Scheduler) -> str:
-    if not scheduler.batch_curve:
+    if not scheduler.auto:
         return f"batching: max_batch {scheduler.max_batch}"
+    if not scheduler.batch_curve:
+        return (f"batching: max_batch auto -> {scheduler.max_batch} (not measured at start-up: no warm-up; "
+                "learned while serving)")
     curve = ", ".join(f"{size}: {rps:.2f}" for size, rps in scheduler.batch_curve.items())
     return (f"batching: max_batch auto -> {scheduler.max_batch} "
             f"(measured requests/s by batch size: {curve})")
