@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .batch_tuning import BATCH_SIZES, CALIBRATION_TEXT, choose_batch_size, measure_batch_curve
+from .batch_tuning import (BATCH_SIZES, CALIBRATION_TEXT, SHORT_CALIBRATION_TEXT, choose_batch_size,
+                           measure_batch_curve)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Scheduler:
                     self._executor, functools.partial(measure_batch_curve, self.runtime, self.sizes))
                 self.max_batch = choose_batch_size(self.batch_curve)
         elif warm_up:
-            await loop.run_in_executor(self._executor, self.runtime.synthesize, CALIBRATION_TEXT)
+            await loop.run_in_executor(self._executor, self.runtime.synthesize, SHORT_CALIBRATION_TEXT)
         self._dispatcher = asyncio.create_task(self._dispatch(), name="edge-runtime-dispatcher")
 
     async def close(self, timeout: float | None = None) -> None:

@@ -199,6 +199,55 @@ def test_auto_measures_the_curve_and_uses_the_best():
     assert choose_batch_size(slow) == 1 and list(slow) == [1, 2]
 
 
+class PerCharacterRuntime(FakeRuntime):
+    """Every request costs `per_char` seconds per character; a batch of n costs `batch_factor[n]`
+    times one request (an autoregressive model: the batch shares each step)."""
+
+    def __init__(self, per_char: float, batch_factor: dict[int, float]) -> None:
+        super().__init__()
+        self.per_char, self.batch_factor = per_char, batch_factor
+
+    def synthesize(self, text, voice=None, **settings):
+        self.calls.append([text])
+        time.sleep(self.per_char * len(text))
+        return np.zeros(len(text), np.float32), self.sample_rate
+
+    def synthesize_batch(self, texts, voice=None, max_batch=None, **settings):
+        self.calls.append(list(texts))
+        time.sleep(self.per_char * max(map(len, texts)) * self.batch_factor[len(texts)])
+        return [(np.zeros(len(t), np.float32), self.sample_rate) for t in texts]
+
+
+def test_startup_measurement_of_a_slow_model_uses_a_short_text_and_keeps_its_budget():
+    from edge_runtime.batch_tuning import CALIBRATION_TEXT, SHORT_CALIBRATION_TEXT
+
+    per_char = 0.002  # the calibration sentence takes 0.15 s: the whole curve would not fit 1 s
+    rt = PerCharacterRuntime(per_char, {2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0})  # batching is free
+    start = time.perf_counter()
+    curve = measure_batch_curve(rt, budget_s=1.0)
+    elapsed = time.perf_counter() - start
+    texts = {text for call in rt.calls for text in call}
+    assert texts == {SHORT_CALIBRATION_TEXT, CALIBRATION_TEXT}  # the long one timed once, then dropped
+    assert sum(CALIBRATION_TEXT in call for call in rt.calls) == 1
+    # requests/s in calibration-length requests, as the online curve counts them
+    alone = 1 / (per_char * len(CALIBRATION_TEXT))
+    assert curve[1] == pytest.approx(alone, rel=0.3)
+    assert curve[2] == pytest.approx(2 * alone, rel=0.3)
+    assert elapsed < 1.0 + 16 * per_char * len(SHORT_CALIBRATION_TEXT) * 2  # at most one batch past the budget
+    assert choose_batch_size(curve) == max(curve)
+
+
+def test_startup_measurement_stops_at_its_budget_and_leaves_the_rest_online():
+    rt = PerCharacterRuntime(0.002, {2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0})  # every size gains: 16 would win
+    start = time.perf_counter()
+    curve = measure_batch_curve(rt, budget_s=0.5)  # ~0.05 s per run even on the short text
+    elapsed = time.perf_counter() - start
+    assert 1 in curve and 16 not in curve  # the budget ran out before the end of the curve
+    assert max(len(call) for call in rt.calls) < 16
+    assert elapsed < 0.5 + 0.5  # the sizes started before the budget ran out, no more
+    assert all(b > a for a, b in zip(curve.values(), list(curve.values())[1:]))
+
+
 async def closed_loop(scheduler: Scheduler, clients: int, each: int, text: str = "abcd") -> list:
     """`clients` callers, each sending its next request 1-5 ms after the previous answer came back
     (an HTTP client's round trip: they come back one by one, not all in one event-loop turn)."""
