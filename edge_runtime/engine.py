@@ -369,8 +369,12 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
 
         plan = plan_model(spec, resolved, torch_dtype(dtype.dtype))
         backend = backend_for(resolved, plan)
-        log.info("plan for %s: backend %s, %d block(s) offloaded to %s", model or registry.DEFAULT_MODEL,
-                 backend, sum(b.placement != "gpu" for b in plan.blocks), plan.target)
+        name = model or registry.DEFAULT_MODEL
+        if plan.cpu_only:  # nothing to offload from: every block computes in RAM
+            log.info("plan for %s: backend %s, all %d block(s) on the CPU", name, backend, len(plan.blocks))
+        else:
+            log.info("plan for %s: backend %s, %d block(s) offloaded to %s", name, backend,
+                     sum(b.placement != "gpu" for b in plan.blocks), plan.target)
     adapter = registry.load(spec, device=device, dtype=torch_dtype(dtype.dtype),
                             fp32_components=tuple(resolved.precision.fp32_components),
                             plan=plan, backend=backend, offload_dir=resolved.offload.offload_dir)
