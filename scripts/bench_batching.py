@@ -7,7 +7,8 @@ Every (model, setting) is its own `edge-runtime serve` process (profile `cpu`, `
 `--set batching.max_batch=N|auto`, everything else the profile's; fixed sizes with --no-warm-up, as
 the bench warms every server itself), started one after another so that auto's start-up
 measurement runs on a quiet machine, then all kept up while the rows are measured. Rows are
-measured concurrency by concurrency, in rounds (default 3): each round runs every setting of the
+measured concurrency by concurrency, in short rounds (default 5; noise on a shared VM comes in
+bursts, and many short rounds spread each setting over them): each round runs every setting of the
 model back to back (the order rotated from round to round). Each run: N asyncio httpx clients
 (closed loop: each posts its next request when the previous answer arrived) posting
 /v1/audio/speech; the first N answers (one wave, unmeasured) bring the server to its steady state,
@@ -350,12 +351,12 @@ def main() -> int:
     parser.add_argument("--models", default="piper,dia", help="comma-separated: piper, dia (default both)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="max_batch settings (default auto,1,2,4,8)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="clients per row")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds per row, interleaved with the other settings; requests/s is their median (default 3)")
-    parser.add_argument("--piper-requests", type=int, default=2,
-                        help="requests per round for the embedded voice: max(12, N x clients) (default 2)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds per row, interleaved with the other settings; requests/s is their median (default 5)")
+    parser.add_argument("--piper-requests", type=int, default=1,
+                        help="requests per round for the embedded voice: max(8, N x clients) (default 1)")
     parser.add_argument("--dia-requests", type=int, default=1,
-                        help="requests per round for Dia: max(8, N x clients) (default 1)")
+                        help="requests per round for Dia: max(6, N x clients) (default 1)")
     parser.add_argument("--set", action="append", default=[], dest="extra_sets",
                         help="extra --set KEY=VALUE for every server (e.g. batching.max_wait_ms=20)")
     parser.add_argument("-o", "--output", default=str(ROOT / "bench_results" / "batching.json"))
@@ -371,12 +372,12 @@ def main() -> int:
         for name in models:
             if name == "piper":
                 result = bench_model("piper:en_US-joe-medium", None, PIPER_TEXTS, settings, concurrency,
-                                     lambda c: max(12, args.piper_requests * c), args.rounds, extra)
+                                     lambda c: max(8, args.piper_requests * c), args.rounds, extra)
                 result["targets"] = targets(result, autoregressive=False)
             elif name == "dia":
                 folder = build_dia(Path(tmp) / "tiny-dia")
                 result = bench_model("dia (tiny, random)", str(folder), DIA_TEXTS, settings, concurrency,
-                                     lambda c: max(8, args.dia_requests * c), args.rounds, extra)
+                                     lambda c: max(6, args.dia_requests * c), args.rounds, extra)
                 result["targets"] = targets(result, autoregressive=True)
             else:
                 parser.error(f"unknown model {name!r}; use piper or dia")
