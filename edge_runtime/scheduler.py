@@ -101,12 +101,10 @@ class Job:
         if self.chunks is not None:
             self.chunks.put_nowait(error)
 
+    @functools.cached_property
     def batch_key(self) -> tuple:
+        """Jobs with equal keys may share a batch (settings never change after submission)."""
         return (self.kind, self.voice, tuple(sorted(self.settings.items())))
-
-    @property
-    def live(self) -> bool:
-        return not self.cancelled
 
 
 class ChunkStream:
@@ -182,7 +180,6 @@ class Scheduler:
         self._dispatcher: asyncio.Task | None = None
         self._closing = False
         self._service_s = 1.0  # moving average of seconds per request, for Retry-After
-        self.running = 0  # requests on the worker now
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, warm_up: bool = True) -> None:
@@ -212,6 +209,11 @@ class Scheduler:
                     job.cancel()
                 self._dispatcher.cancel()
         self._executor.shutdown(wait=True)  # the forward in progress, if any, completes
+
+    @property
+    def running(self) -> int:
+        """Requests on the worker now."""
+        return len(self._running)
 
     @property
     def depth(self) -> int:
@@ -280,8 +282,9 @@ class Scheduler:
         gathered, on the worker), itself included."""
         if job.kind != "speech":
             return
-        key = job.batch_key()
-        here = sum(j.live and j.batch_key() == key for j in (*self._pending, *self._gathering, *self._running))
+        key = job.batch_key
+        here = sum(not j.cancelled and j.batch_key == key
+                   for j in (*self._pending, *self._gathering, *self._running))
         now = time.monotonic()
         since = now - self._load_horizon()
         for other in [k for k, h in self._load.items() if h[-1][0] < since]:  # voices no longer in use
@@ -293,13 +296,13 @@ class Scheduler:
 
     def expected_load(self, head: Job) -> int:
         """Compatible requests recently in the system at once (1 when none were)."""
-        history = self._load.get(head.batch_key(), ())
+        history = self._load.get(head.batch_key, ())
         since = time.monotonic() - self._load_horizon()
         return max((count for when, count in history if when >= since), default=1)
 
     def _compatible(self, head: Job) -> Callable[[Job], bool]:
-        key, size = head.batch_key(), max(1, len(head.text))
-        return lambda job: (job.batch_key() == key
+        key, size = head.batch_key, max(1, len(head.text))
+        return lambda job: (job.batch_key == key
                             and max(size, len(job.text)) <= self.length_ratio * max(1, min(size, len(job.text))))
 
     async def _dispatch(self) -> None:
@@ -347,7 +350,6 @@ class Scheduler:
     async def _run(self, batch: list[Job], size: int = 1) -> None:
         loop = asyncio.get_running_loop()
         head = batch[0]
-        self.running = len(batch)
         self._running = batch
         start = time.monotonic()
         try:
@@ -361,13 +363,12 @@ class Scheduler:
                 head.chunks.put_nowait(exc)
             outcomes = [exc] * len(batch)
         finally:
-            self.running = 0
             self._running = []
             elapsed = time.monotonic() - start
             self._service_s = 0.8 * self._service_s + 0.2 * elapsed / len(batch)
         if head.kind == "speech":
-            served = [job for job, outcome in zip(batch, outcomes) if isinstance(outcome, SpeechResult)]
-            if served and len(served) == len(batch):  # a failed or thinned batch measures nothing
+            # a failed or thinned (cancelled) batch measures nothing
+            if all(isinstance(outcome, SpeechResult) for outcome in outcomes):
                 self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
                 self._learn(len(batch), sum(len(job.text) for job in batch), elapsed, full=len(batch) >= size)
             if self.on_batch is not None:
