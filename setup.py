@@ -1,7 +1,7 @@
 """Metadata lives in pyproject.toml; this only copies profiles/*.yaml into the wheel.
 
 The top-level profiles/ folder is the source of truth. A wheel carries a copy as
-edge_runtime/_profiles/, which `edge_runtime.profiles.profiles_dir()` finds when no checkout is around.
+edge_runtime/_profiles/, which `edge_runtime.policy.profiles.profiles_dir()` finds when no checkout is around.
 """
 
 import shutil

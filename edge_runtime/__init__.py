@@ -14,7 +14,7 @@ __all__ = ["__version__", "load", "Runtime"]
 def __getattr__(name: str):
     # Lazy: `import edge_runtime` (and the CLI's --help) must not pay for importing torch.
     if name in ("load", "Runtime"):
-        from . import engine
+        from edge_runtime.runtime import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")

@@ -66,7 +66,7 @@ class Workload:
 
         self.model, self.backend, self.device = model, backend, device
         if model == "stack":
-            from edge_runtime.backends import LoadRequest, load_model
+            from edge_runtime.runtime.backends import LoadRequest, load_model
             from offload_models import TinyStack, plan_for
 
             plan = plan_for(STACK, 0.0, target=target)
@@ -79,8 +79,8 @@ class Workload:
             self.files = [store, *store.parent.glob("*.*.safetensors")]
         else:
             from edge_runtime.models import registry
-            from edge_runtime.planning import plan_model
-            from edge_runtime.profiles import load_profile
+            from edge_runtime.runtime.planning import plan_model
+            from edge_runtime.policy.profiles import load_profile
 
             profile = load_profile("6gb", (*PIPER_TIER, f"offload.target={target}"))
             spec = registry.resolve(None)
@@ -145,7 +145,7 @@ def peak_child(model: str, backend: str, device: str, target: str, store: str) -
     """In a fresh process: load, reset the peak, run 3 requests, report peaks."""
     import torch
 
-    from edge_runtime.memory import peak_rss_bytes
+    from edge_runtime.runtime.memory import peak_rss_bytes
 
     w = Workload(model, backend, torch.device(device), target, Path(store))
     load_peak = peak_rss_bytes()

@@ -66,7 +66,7 @@ def save_checkpoint(path: Path, config, dtype) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from edge_runtime.planner import build_on_meta
+    from edge_runtime.policy.planner import build_on_meta
 
     torch.manual_seed(0)
     tensors = {}
@@ -91,7 +91,7 @@ def forward_extra_s(layout, result, cost, tokens: int) -> float:
     """Predicted extra seconds of ONE forward over ``tokens`` (a prefill): the planner prices AR
     blocks per generated token, but here a streamed block crosses PCIe once and a CPU block
     computes all tokens at once, which is the non-AR formula."""
-    from edge_runtime.planner import block_cost
+    from edge_runtime.policy.planner import block_cost
 
     comps = {c.name: replace(c, autoregressive=False) for c in layout.components}
     blocks = {b.name: replace(b, autoregressive=False) for b in layout.blocks}
@@ -104,14 +104,14 @@ def child(a: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from edge_runtime.backends import BackendError, LoadRequest, load_model
-    from edge_runtime.planner import CostModel, PlanError, compute_budget, layout_from_config, plan
+    from edge_runtime.runtime.backends import BackendError, LoadRequest, load_model
+    from edge_runtime.policy.planner import CostModel, PlanError, compute_budget, layout_from_config, plan
 
     dev = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(dev).total_memory
     row: dict = {"tier_gib": a.tier, "backend": a.backend}
     if a.tier == 0:  # the baseline also measures this machine's rates for the other rows' plans
-        from edge_runtime import bandwidth
+        from edge_runtime.policy import bandwidth
 
         row["bandwidth"] = bandwidth.measure(disk_dir=Path(a.workdir)).to_dict()
     else:

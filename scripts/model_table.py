@@ -62,8 +62,8 @@ def main() -> int:
 
     import torch
 
-    from edge_runtime.planner import layout_from_config
-    from edge_runtime.planner.layout import gib
+    from edge_runtime.policy.planner import layout_from_config
+    from edge_runtime.policy.planner.layout import gib
 
     sizes, plans, data = [], [], []
     from edge_runtime.models.hf.base import ADAPTERS, adapter_class
@@ -94,9 +94,9 @@ def main() -> int:
 
 
 def _plan_row(name, layout, tier, base, overrides, dtype_name, plans, entry) -> None:
-    from edge_runtime.planner import PlanError, compute_budget, plan
-    from edge_runtime.planner.layout import gib
-    from edge_runtime.profiles import load_profile
+    from edge_runtime.policy.planner import PlanError, compute_budget, plan
+    from edge_runtime.policy.planner.layout import gib
+    from edge_runtime.policy.profiles import load_profile
 
     profile = load_profile(base, (*overrides, f"precision.dtype={dtype_name}"))
     key = f"{tier}/{dtype_name}"

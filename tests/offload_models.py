@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from edge_runtime.planner import compute_budget, describe_model, plan
-from edge_runtime.planner.layout import GIB
+from edge_runtime.policy.planner import compute_budget, describe_model, plan
+from edge_runtime.policy.planner.layout import GIB
 
 
 class Block(nn.Module):

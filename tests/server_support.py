@@ -55,7 +55,7 @@ class ServerThread:
 
 
 def start(settings=None, runtime=None) -> ServerThread:
-    from edge_runtime.server import ServerSettings, create_app
+    from edge_runtime.serving.server import ServerSettings, create_app
 
     settings = settings or ServerSettings(warm_up=False)
     return ServerThread(create_app(runtime or shared_runtime(), settings))

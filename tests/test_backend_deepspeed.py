@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from edge_runtime.backends import BackendError, LoadRequest, get_backend  # noqa: E402
-from edge_runtime.backends import deepspeed_zero  # noqa: E402
-from edge_runtime.planner.plan import DS_PERSISTENCE_THRESHOLD  # noqa: E402
+from edge_runtime.runtime.backends import BackendError, LoadRequest, get_backend  # noqa: E402
+from edge_runtime.runtime.backends import deepspeed_zero  # noqa: E402
+from edge_runtime.policy.planner.plan import DS_PERSISTENCE_THRESHOLD  # noqa: E402
 
 from offload_models import TinyStack, plan_for, save_random  # noqa: E402
 

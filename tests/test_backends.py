@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_runtime.backends import BackendError, LoadRequest, load_model
-from edge_runtime.backends.checkpoint import Checkpoint
+from edge_runtime.runtime.backends import BackendError, LoadRequest, load_model
+from edge_runtime.runtime.backends.checkpoint import Checkpoint
 from offload_models import TinyStack, plan_for, save_random
 
 SHAPE = dict(vocab=256, hidden=128, ffn=512, layers=6)
@@ -188,8 +188,8 @@ PEAK_RSS = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 from offload_models import TinyStack, plan_for
-from edge_runtime.backends import LoadRequest, load_model
-from edge_runtime.memory import peak_rss_bytes
+from edge_runtime.runtime.backends import LoadRequest, load_model
+from edge_runtime.runtime.memory import peak_rss_bytes
 shape = json.loads({shape!r})
 plan = plan_for(shape, 0.0)
 loaded = load_model(LoadRequest(build=lambda: TinyStack(**shape), checkpoint={path!r}, plan=plan,

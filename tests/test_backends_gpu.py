@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_runtime.backends import LoadRequest, load_model
+from edge_runtime.runtime.backends import LoadRequest, load_model
 from offload_models import TinyStack, plan_for, save_random
 
 pytestmark = [pytest.mark.gpu,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
-from edge_runtime.planner import PlanError
+from edge_runtime.policy.planner import PlanError
 
 TEXT = "The quick brown fox jumps over the lazy dog. Then it rests, twice!"
 # A GPU tier small enough that the planner must offload the text encoder, flow and decoder, run on this machine's execution device (the CPU here, CUDA where there is one).

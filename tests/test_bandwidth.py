@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from edge_runtime import bandwidth
-from edge_runtime.bandwidth import MIB, Bandwidth
-from edge_runtime.planner import CostModel
+from edge_runtime.policy import bandwidth
+from edge_runtime.policy.bandwidth import MIB, Bandwidth
+from edge_runtime.policy.planner import CostModel
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-from edge_runtime import __version__, cli
-from edge_runtime.profiles import ENV_VAR, list_profiles
+from edge_runtime import __version__
+
+from edge_runtime.serving import cli
+from edge_runtime.policy.profiles import ENV_VAR, list_profiles
 
 
 def _run(*args: str, env_profile: str | None = None) -> subprocess.CompletedProcess:
@@ -47,7 +49,7 @@ def test_no_command_is_usage_error(capsys):
 
 def test_every_registered_command_has_add_parser():
     for name in cli.COMMANDS:
-        module = importlib.import_module(f"edge_runtime.commands.{name}")
+        module = importlib.import_module(f"edge_runtime.serving.commands.{name}")
         assert callable(module.add_parser), name
 
 
@@ -126,6 +128,6 @@ def test_bad_profile_in_process(capsys):
 
 
 def test_cli_import_does_not_import_torch():
-    code = "import sys, edge_runtime.cli, edge_runtime.profiles; print('torch' in sys.modules)"
+    code = "import sys, edge_runtime.serving.cli, edge_runtime.policy.profiles; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "False", res.stderr

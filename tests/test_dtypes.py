@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_runtime.dtypes import choose_dtype, resolve_dtype, torch_dtype
+from edge_runtime.policy.dtypes import choose_dtype, resolve_dtype, torch_dtype
 
 # (requested, device, compute capability, cpu has native bf16) -> (dtype, fell back)
 TABLE = [

@@ -11,7 +11,7 @@ import torch
 
 import edge_runtime
 from edge_runtime.errors import InvalidInputError, RequestFailedError
-from edge_runtime.memory import OOMInjector
+from edge_runtime.runtime.memory import OOMInjector
 
 QUIET = {"noise_scale": 0.0, "noise_w": 0.0}
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from edge_runtime import hardware
-from edge_runtime.tiers import select_tier
+from edge_runtime.policy import hardware
+from edge_runtime.policy.tiers import select_tier
 
 GIB = 1024 ** 3
 

@@ -96,7 +96,7 @@ def test_cached_codes_match_transformers_own_context_path(rt, folder, prompt):
     give when they encode the reference audio themselves."""
     from transformers import AutoProcessor, CsmForConditionalGeneration
 
-    from edge_runtime.prompts import prepare_prompt
+    from edge_runtime.runtime.prompts import prepare_prompt
 
     clean = prepare_prompt(prompt, 24000, 20.0)
     voice = rt.model.prepare_voice(clean, 24000, PROMPT_TEXT)
@@ -142,10 +142,10 @@ def test_offloaded_equals_resident(folder, prompt, reference, backend):
 
 
 def test_bf16_keeps_codec_fp32(folder, prompt):
-    from edge_runtime.engine import Runtime
+    from edge_runtime.runtime.engine import Runtime
     from edge_runtime.models import registry
-    from edge_runtime.planning import plan_model
-    from edge_runtime.profiles import load_profile
+    from edge_runtime.runtime.planning import plan_model
+    from edge_runtime.policy.profiles import load_profile
 
     rt = edge_runtime.load(model=str(folder), profile="cpu", overrides=("precision.dtype=bf16", *THREADS))
     if rt.dtype.dtype != "bf16":  # no native bf16 on this CPU: the policy chose fp32; load bf16 directly

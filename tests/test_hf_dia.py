@@ -14,7 +14,7 @@ import torch
 
 import edge_runtime
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
-from edge_runtime.voices import VoiceLibrary
+from edge_runtime.runtime.voices import VoiceLibrary
 from hf_tiny_dia import SAMPLE_RATE, build_tiny_dia
 from hf_support import speech_prompt
 
@@ -129,10 +129,10 @@ def load_bf16(folder):
     """A bf16 runtime: through edge_runtime.load when the dtype policy allows bf16 on this CPU (native
     bf16 ISA), else the same planner + registry path with bf16 forced (emulated: slow, but the
     mechanics checked here do not depend on the ISA)."""
-    from edge_runtime.engine import Runtime
+    from edge_runtime.runtime.engine import Runtime
     from edge_runtime.models import registry
-    from edge_runtime.planning import plan_model
-    from edge_runtime.profiles import load_profile
+    from edge_runtime.runtime.planning import plan_model
+    from edge_runtime.policy.profiles import load_profile
 
     bf16 = ("precision.dtype=bf16", *ONE_THREAD)
     runtime = edge_runtime.load(model=str(folder), profile="cpu", overrides=bf16)

@@ -94,8 +94,8 @@ def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend,
     # Every Pocket TTS block is autoregressive (the codec is outside the model), and the planner
     # rightly computes AR blocks on the CPU rather than streaming them every frame. To exercise
     # streaming we tell it this CPU is very slow, so it streams decoder layers from disk instead.
-    from edge_runtime import bandwidth
-    from edge_runtime.planner import CostModel
+    from edge_runtime.policy import bandwidth
+    from edge_runtime.policy.planner import CostModel
 
     monkeypatch.setattr(bandwidth, "cost_model_from_measurement",
                         lambda *a, **k: (CostModel(cpu_flops=1e3), "test: a very slow CPU"))
@@ -123,11 +123,11 @@ def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend,
 def bf16_runtime(folder: Path):
     """bf16 through edge_runtime.load where the dtype policy allows it (native bf16 on this CPU);
     elsewhere the policy keeps fp32, so the adapter is loaded in bf16 directly (same loader)."""
-    from edge_runtime.engine import Runtime
-    from edge_runtime.hardware import probe
+    from edge_runtime.runtime.engine import Runtime
+    from edge_runtime.policy.hardware import probe
     from edge_runtime.models import registry
-    from edge_runtime.planning import plan_model
-    from edge_runtime.profiles import load_profile
+    from edge_runtime.runtime.planning import plan_model
+    from edge_runtime.policy.profiles import load_profile
 
     if probe().cpu.bf16_native:
         return edge_runtime.load(model=str(folder), profile="cpu", overrides=("precision.dtype=bf16",))
@@ -213,8 +213,8 @@ def test_bad_prompts_and_settings(rt):
 def test_layout_of_default_config():
     from transformers import PocketTTSConfig, PocketTTSForConditionalGeneration
 
-    from edge_runtime.planner import layout_from_config
-    from edge_runtime.planner.layout import gib
+    from edge_runtime.policy.planner import layout_from_config
+    from edge_runtime.policy.planner.layout import gib
 
     layout = layout_from_config(PocketTTSConfig(), PocketTTSForConditionalGeneration, torch.bfloat16)
     print(layout.summary())

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from edge_runtime import memory
-from edge_runtime.memory import MemoryGovernor, MemorySnapshot, OOMInjector, is_oom_error
+from edge_runtime.runtime import memory
+from edge_runtime.runtime.memory import MemoryGovernor, MemorySnapshot, OOMInjector, is_oom_error
 
 MiB = 1024 * 1024
 
@@ -310,7 +310,7 @@ def test_injector_install_remove_for_long_runs():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_reuse_heap_sets_glibc_thresholds():
-    from edge_runtime.memory import reuse_heap
+    from edge_runtime.runtime.memory import reuse_heap
 
     try:
         ctypes.CDLL(None).mallopt

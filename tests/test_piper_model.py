@@ -36,7 +36,7 @@ TOLERANCE = 1e-3
 def phoneme_ids(text: str) -> list[int]:
     """Piper's id rule (^ _, each phoneme then _, $) over our espeak-ng front end, whose ids
     tests/test_text.py checks against piper-tts's own phonemiser."""
-    from edge_runtime.text import TextFrontend
+    from edge_runtime.models.text import TextFrontend
 
     id_map = json.loads(Path(voice.config_path()).read_text())["phoneme_id_map"]
     frontend = TextFrontend("en-us", id_map)

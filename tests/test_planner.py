@@ -14,9 +14,9 @@ from torch import nn
 from transformers import (CsmConfig, CsmForConditionalGeneration, DiaConfig,
                           DiaForConditionalGeneration, LlamaConfig, LlamaForCausalLM)
 
-from edge_runtime.planner import (CostModel, PlanError, block_cost, build_on_meta, compute_budget,
+from edge_runtime.policy.planner import (CostModel, PlanError, block_cost, build_on_meta, compute_budget,
                                   describe_model, layout_from_config, plan)
-from edge_runtime.planner.layout import GIB
+from edge_runtime.policy.planner.layout import GIB
 
 NS = types.SimpleNamespace
 TIERS = (2, 4, 6, 8, 12, 24)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from edge_runtime import profiles
-from edge_runtime.profiles import ENV_VAR, ProfileError, choose_profile, list_profiles, load_profile
+from edge_runtime.policy import profiles
+from edge_runtime.policy.profiles import ENV_VAR, ProfileError, choose_profile, list_profiles, load_profile
 
 SHIPPED = ["cpu", "6gb", "8gb", "12gb", "24gb"]
 # The schema other modules code against (profile_schema.py may add keys, never rename these).
@@ -97,7 +97,7 @@ def test_profile_choice_order(monkeypatch):
     choice = choose_profile(None, {}, hw)
     assert (choice.spec, choice.chosen_by) == ("cpu", "hardware")
     gpu = SimpleNamespace(name="RTX", total_bytes=int(7.8 * 1024 ** 3), free_bytes=None)
-    monkeypatch.setattr("edge_runtime.hardware.probe", lambda *a, **k: SimpleNamespace(
+    monkeypatch.setattr("edge_runtime.policy.hardware.probe", lambda *a, **k: SimpleNamespace(
         gpus=[gpu], gpu=gpu, nvml_gpus=[]))
     assert load_profile(None, env={}).name == "8gb"
 

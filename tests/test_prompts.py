@@ -10,7 +10,7 @@ import soundfile as sf
 
 import edge_runtime
 from edge_runtime.errors import InvalidInputError
-from edge_runtime.prompts import prepare_prompt
+from edge_runtime.runtime.prompts import prepare_prompt
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def server():
-    from edge_runtime.server import ServerSettings
+    from edge_runtime.serving.server import ServerSettings
 
     with start(ServerSettings(api_key=API_KEY, warm_up=False)) as running:
         yield running

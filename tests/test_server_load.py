@@ -67,7 +67,7 @@ def test_32_clients_all_answered():
 
 
 def test_small_queue_answers_429_with_retry_after():
-    from edge_runtime.server import ServerSettings
+    from edge_runtime.serving.server import ServerSettings
 
     with start(ServerSettings(queue_size=1, warm_up=False)) as server:
         ok, busy = check_answers(hammer(server.url, bodies(CLIENTS, ("mp3",))), CLIENTS)
@@ -78,7 +78,7 @@ def test_small_queue_answers_429_with_retry_after():
 
 
 def test_batching_through_the_real_model():
-    from edge_runtime.server import ServerSettings
+    from edge_runtime.serving.server import ServerSettings
 
     with start(ServerSettings(max_batch=4, max_wait_ms=50, warm_up=False)) as server:
         ok, busy = check_answers(hammer(server.url, bodies(16, ("mp3", "flac"))), 16)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.errors import InvalidInputError
-from edge_runtime.batch_tuning import choose_batch_size, measure_batch_curve
-from edge_runtime.scheduler import QueueFullError, Scheduler, SchedulerClosedError
+from edge_runtime.serving.batch_tuner import choose_batch_size, measure_batch_curve
+from edge_runtime.serving.scheduler import QueueFullError, Scheduler, SchedulerClosedError
 
 
 class FakeRuntime:
@@ -219,7 +219,7 @@ class PerCharacterRuntime(FakeRuntime):
 
 
 def test_startup_measurement_of_a_slow_model_uses_a_short_text_and_keeps_its_budget():
-    from edge_runtime.batch_tuning import CALIBRATION_TEXT, SHORT_CALIBRATION_TEXT
+    from edge_runtime.serving.batch_tuner import CALIBRATION_TEXT, SHORT_CALIBRATION_TEXT
 
     per_char = 0.002  # the calibration sentence takes 0.15 s: the whole curve would not fit 1 s
     rt = PerCharacterRuntime(per_char, {2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0})  # batching is free
@@ -307,7 +307,7 @@ def per_request_cost(costs: dict[int, float]) -> dict[int, float]:
     ({1: 1.0, 2: 2.0, 4: 4.0, 8: 2.0}, {1: 0.004, 2: 0.008, 4: 0.012}, 4, 1),
 ])
 def test_auto_refines_the_choice_online(monkeypatch, startup_curve, costs, chosen, refined):
-    import edge_runtime.scheduler as scheduler_module
+    import edge_runtime.serving.scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "measure_batch_curve", lambda runtime, sizes: dict(startup_curve))
     monkeypatch.setattr(scheduler_module, "PROBE_EVERY", 2)  # probe often: a short test
@@ -333,7 +333,7 @@ def test_auto_refines_the_choice_online(monkeypatch, startup_curve, costs, chose
 
 
 def test_auto_without_warm_up_starts_at_one_and_learns_while_serving(monkeypatch):
-    import edge_runtime.scheduler as scheduler_module
+    import edge_runtime.serving.scheduler as scheduler_module
 
     monkeypatch.setattr(scheduler_module, "PROBE_EVERY", 2)
     rt = FakeRuntime(batch_cost=per_request_cost({1: 0.02, 2: 0.01, 4: 0.006}))
@@ -355,7 +355,7 @@ def test_auto_does_not_move_on_noise(monkeypatch):
     choice stays where start-up put it."""
     import random
 
-    import edge_runtime.scheduler as scheduler_module
+    import edge_runtime.serving.scheduler as scheduler_module
 
     class Noisy(FakeRuntime):
         def synthesize_batch(self, texts, voice=None, max_batch=None, **settings):

@@ -17,7 +17,7 @@ MAX_UPLOAD = 512 * 1024
 
 @pytest.fixture(scope="module")
 def server():
-    from edge_runtime.server import ServerSettings
+    from edge_runtime.serving.server import ServerSettings
 
     with start(ServerSettings(max_upload_bytes=MAX_UPLOAD, warm_up=False)) as running:
         yield running

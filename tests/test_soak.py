@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import edge_runtime
-from edge_runtime.soak import SENTENCES, make_prompts
+from edge_runtime.serving.soak import SENTENCES, make_prompts
 
 
 def test_300_requests_rss_flat_and_cache_bounded():

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from edge_runtime.telemetry import RequestTelemetry, TelemetryLog
+from edge_runtime.runtime.telemetry import RequestTelemetry, TelemetryLog
 
 
 def make(i: int, **overrides) -> RequestTelemetry:

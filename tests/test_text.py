@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from edge_runtime.text import PhonemeIdMapper, TextFrontend, normalize_text, split_sentences
+from edge_runtime.models.text import PhonemeIdMapper, TextFrontend, normalize_text, split_sentences
 
 
 @pytest.fixture(scope="module")

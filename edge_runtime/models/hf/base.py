@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ...errors import InvalidInputError, ModelNotFoundError
-from ..base import SpeechModel, SynthesisSettings
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError
+from edge_runtime.models.base import SpeechModel, SynthesisSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class HFSpeechModel(SpeechModel):
     @classmethod
     def layout(cls, config, dtype: torch.dtype, fp32_components=()):
         """Components and block sizes on the meta device (the planner's input)."""
-        from ...planner import layout_from_config
+        from edge_runtime.policy.planner import layout_from_config
 
         return layout_from_config(config, cls.transformers_class(), dtype, cls.fp32_modules(fp32_components))
 
@@ -107,7 +107,7 @@ class HFSpeechModel(SpeechModel):
     def load(cls, folder: Path, *, model_id: str, plan: Any, backend: str = "resident",
              device: str = "cpu", dtype: torch.dtype | None = None, fp32_components=(),
              offload_dir: str | None = None) -> HFSpeechModel:
-        from ...backends import LoadRequest, load_model
+        from edge_runtime.runtime.backends import LoadRequest, load_model
 
         config = read_config(folder)
         processor = cls.load_processor(folder)
@@ -140,7 +140,7 @@ class HFSpeechModel(SpeechModel):
 
     # -- text --------------------------------------------------------------------------------
     def split_text(self, text: str) -> list[str]:
-        from ...text import normalize_text, split_sentences
+        from edge_runtime.models.text import normalize_text, split_sentences
 
         return split_sentences(normalize_text(text), 300)
 

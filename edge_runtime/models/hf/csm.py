@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import InvalidInputError
-from ...voices import PreparedVoice
-from ..base import SynthesisSettings
-from .base import HFSpeechModel
+from edge_runtime.errors import InvalidInputError
+from edge_runtime.prepared_voice import PreparedVoice
+from edge_runtime.models.base import SynthesisSettings
+from edge_runtime.models.hf.base import HFSpeechModel
 
 # Frame cap per sentence: the planner's speech rate (14 chars/s) with 1.5x head room for slow
 # speakers, plus a second for short sentences; a trained model stops earlier at its EOS frame.
@@ -128,7 +128,7 @@ class CsmSpeechModel(HFSpeechModel):
         can, leaving the VRAM to AR blocks. Parts never nest (a streamed block running inside
         another would evict it): the SEANet stacks go layer by layer, since their wrappers
         (codec_model.encoder / .decoder) also run the transformers and the resampling convs."""
-        from ...planner import build_on_meta, describe_model
+        from edge_runtime.policy.planner import build_on_meta, describe_model
 
         layout = super().layout(config, dtype, fp32_components)
         codec = build_on_meta(config, cls.transformers_class()).codec_model
@@ -174,7 +174,7 @@ class CsmSpeechModel(HFSpeechModel):
     def prepare_voice(self, audio: np.ndarray, sample_rate: int,
                       transcript: str | None = None) -> PreparedVoice:
         if sample_rate != self.prompt_sample_rate:
-            from ...prompts import resample
+            from edge_runtime.dsp import resample
 
             audio = resample(audio, sample_rate, self.prompt_sample_rate)
         wave = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(1, 1, -1).to(self.device)
@@ -213,7 +213,7 @@ class CsmSpeechModel(HFSpeechModel):
     def max_new_tokens(self, unit: str, prompt_tokens: int) -> int:
         """Frames for one sentence: what its text should need, with head room, within the
         backbone's positions left after the prompt."""
-        from ...planner.configs import SPEECH_CHARS_PER_S
+        from edge_runtime.policy.planner.configs import SPEECH_CHARS_PER_S
 
         frames = math.ceil(self.frame_rate * (len(unit) / SPEECH_CHARS_PER_S * LENGTH_MARGIN + EXTRA_SECONDS))
         room = int(self.config.max_position_embeddings) - prompt_tokens

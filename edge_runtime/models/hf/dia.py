@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import InvalidInputError, ModelNotFoundError
-from ...voices import PreparedVoice
-from ..base import SynthesisSettings
-from .base import HFSpeechModel
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError
+from edge_runtime.prepared_voice import PreparedVoice
+from edge_runtime.models.base import SynthesisSettings
+from edge_runtime.models.hf.base import HFSpeechModel
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class DiaSpeechModel(HFSpeechModel):
     def prepare_voice(self, audio: np.ndarray, sample_rate: int,
                       transcript: str | None = None) -> PreparedVoice:
         if sample_rate != self.prompt_sample_rate:
-            from ...prompts import resample
+            from edge_runtime.dsp import resample
 
             audio = resample(audio, sample_rate, self.prompt_sample_rate)
         if not transcript:
@@ -120,7 +120,7 @@ class DiaSpeechModel(HFSpeechModel):
     def max_new_tokens(self, unit: str, prefix_frames: int) -> int:
         """Decoder steps for one sentence: frames its text should need, plus the delay tail, within
         the decoder's positions after the prompt prefix."""
-        from ...planner.configs import DIA_FRAMES_PER_S, SPEECH_CHARS_PER_S
+        from edge_runtime.policy.planner.configs import DIA_FRAMES_PER_S, SPEECH_CHARS_PER_S
 
         frames = math.ceil(len(unit) * DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S * LENGTH_MARGIN)
         tail = max(self.delays) + 1  # the last frame is complete once every delayed channel has it

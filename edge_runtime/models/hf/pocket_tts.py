@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import InvalidInputError, ModelNotFoundError
-from ...voices import PreparedVoice
-from ..base import SynthesisSettings
-from .base import HFSpeechModel
-from .source import locate, looks_like_hub_id
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError
+from edge_runtime.prepared_voice import PreparedVoice
+from edge_runtime.models.base import SynthesisSettings
+from edge_runtime.models.hf.base import HFSpeechModel
+from edge_runtime.models.hf.source import locate, looks_like_hub_id
 
 CODEC_SUBFOLDER = "audio_tokenizer"  # where our folders keep the codec: next to the model's files
 _PROCESSOR_OPTIONS = ("short_text_max_words", "frames_after_eos_short_text", "frames_after_eos", "fade_in_duration")
@@ -77,7 +77,7 @@ class PocketTTSSpeechModel(HFSpeechModel):
 
     @classmethod
     def layout(cls, config, dtype: torch.dtype, fp32_components=()):
-        from ...planner import layout_from_config
+        from edge_runtime.policy.planner import layout_from_config
 
         # the planner's builder is registered under the transformers class (same module names)
         return layout_from_config(config, super().transformers_class(), dtype, cls.fp32_modules(fp32_components))

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from ...errors import ModelNotFoundError
+from edge_runtime.errors import ModelNotFoundError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHTS = ("model.safetensors",)

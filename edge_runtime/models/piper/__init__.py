@@ -11,19 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PiperVoiceConfig, VitsHyperParams
-from .errors import VoiceLoadError
+from edge_runtime.models.piper.config import PiperVoiceConfig, VitsHyperParams
+from edge_runtime.models.piper.errors import VoiceLoadError
 
 __all__ = ["PiperVoiceConfig", "VitsHyperParams", "VoiceLoadError", "PiperVits", "load_piper_voice"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "PiperVits":
-        from .vits import PiperVits
+        from edge_runtime.models.piper.vits import PiperVits
 
         return PiperVits
     if name == "load_piper_voice":
-        from .weights_cache import load_piper_voice
+        from edge_runtime.models.piper.weights_cache import load_piper_voice
 
         return load_piper_voice
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VoiceLoadError
+from edge_runtime.models.piper.errors import VoiceLoadError
 
 Shapes = Mapping[str, tuple[int, ...]]
 ConvAttrs = Mapping[str, Mapping[str, Any]]  # module name -> {"dilations": [..], "strides": [..], "pads": [..]}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text_encoder import LayerNorm, masked
+from edge_runtime.models.piper.text_encoder import LayerNorm, masked
 
 
 class DDSConv(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError
 
 
 class VoiceLoadError(EdgeRuntimeError, ValueError):

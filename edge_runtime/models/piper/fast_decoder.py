@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import SLOPE, Decoder, ResBlock1
+from edge_runtime.models.piper.decoder import SLOPE, Decoder, ResBlock1
 
 CL = torch.channels_last
 

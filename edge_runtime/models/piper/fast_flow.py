@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flow import CouplingLayer, Flow
+from edge_runtime.models.piper.flow import CouplingLayer, Flow
 
 CL = torch.channels_last
 

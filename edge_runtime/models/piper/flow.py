@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .duration import Flip
-from .text_encoder import masked
+from edge_runtime.models.piper.duration import Flip
+from edge_runtime.models.piper.text_encoder import masked
 
 
 class WaveNet(nn.Module):

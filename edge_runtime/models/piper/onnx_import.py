@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import VitsHyperParams
-from .errors import VoiceLoadError
-from .vits import VITS_PREFIXES, PiperVits, skip_weight_init
+from edge_runtime.models.piper.config import VitsHyperParams
+from edge_runtime.models.piper.errors import VoiceLoadError
+from edge_runtime.models.piper.vits import VITS_PREFIXES, PiperVits, skip_weight_init
 
 _PARAM_NAME = re.compile(r"^(enc_p|dp|flow|dec|emb_g)\.[\w.]+$")
 _FOLDED_EXP = re.compile(r"^/(dp/flows\.\d+)/Exp(?:_\d+)?_output_0$")

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VitsHyperParams
-from .decoder import Decoder
-from .duration import DurationPredictor
-from .fast_decoder import FastDecoder, bucket_length
-from .fast_flow import FastFlow
-from .flow import Flow
-from .text_encoder import TextEncoder, masked
+from edge_runtime.models.piper.config import VitsHyperParams
+from edge_runtime.models.piper.decoder import Decoder
+from edge_runtime.models.piper.duration import DurationPredictor
+from edge_runtime.models.piper.fast_decoder import FastDecoder, bucket_length
+from edge_runtime.models.piper.fast_flow import FastFlow
+from edge_runtime.models.piper.flow import Flow
+from edge_runtime.models.piper.text_encoder import TextEncoder, masked
 
 MODES = ("fast", "eager")  # fastest first; see prepare_for_inference
 

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 
-from .config import PiperVoiceConfig, VitsHyperParams
-from .errors import VoiceLoadError
-from .vits import PiperVits, skip_weight_init
+from edge_runtime.models.piper.config import PiperVoiceConfig, VitsHyperParams
+from edge_runtime.models.piper.errors import VoiceLoadError
+from edge_runtime.models.piper.vits import PiperVits, skip_weight_init
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _INDEX = "sha256_index.json"
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """`cache_dir`, else the user cache dir ($EDGE_RUNTIME_CACHE_DIR, else $XDG_CACHE_HOME/edge_runtime)."""
-    from ...paths import cache_dir as user_cache_dir
+    from edge_runtime.paths import cache_dir as user_cache_dir
 
     return Path(cache_dir) if cache_dir is not None else user_cache_dir()
 
@@ -76,7 +76,7 @@ def _read_cached(path: Path, source: Path) -> PiperVits | None:
         return None
     from safetensors import safe_open
 
-    from .onnx_import import load_state  # load_state lives beside convert; importing it does not load onnx
+    from edge_runtime.models.piper.onnx_import import load_state  # load_state lives beside convert; importing it does not load onnx
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -110,7 +110,7 @@ def load_piper_voice(onnx_path: str | Path, json_path: str | Path | None = None,
     cached = folder / f"{sha}.safetensors"
     model = _read_cached(cached, onnx_path)
     if model is None:
-        from .onnx_import import convert
+        from edge_runtime.models.piper.onnx_import import convert
 
         model, hp = convert(onnx_path)
         config.check_against(hp, json_path)  # before caching: a mismatched pair must fail every time

@@ -1,0 +1,62 @@
+"""Mechanism layer: execute a placement Plan with one of several backends.
+
+    from edge_runtime.runtime.backends import LoadRequest, load_model
+    loaded = load_model(LoadRequest(build=..., checkpoint=path, plan=plan, device=dev, dtype=dt))
+    loaded.model(...)          # blocks resident / streamed / computed on the CPU as planned
+    loaded.stats.bytes_moved   # weights moved since the last reset
+    loaded.close()
+
+Backends (one placement mechanism each):
+  resident     every weight on the execution device
+  accelerate   HF accelerate's own hooks (AlignDevicesHook): cpu/disk offload, no prefetch
+  streamer     our prefetching streamer: next block fetched while the current one computes
+  deepspeed    ZeRO-3 parameter offload (cpu or nvme), or init_inference when all is resident
+``auto`` follows the plan: resident when nothing is offloaded, deepspeed for an nvme target,
+else the streamer (the plan's "accelerate" means accelerate-style placement: device maps and
+hooks; the streamer is that plus prefetch). DeepSpeed is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from edge_runtime.runtime.backends.base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
+
+NAMES = ("auto", "resident", "accelerate", "streamer", "deepspeed")
+
+
+def get_backend(name: str) -> Backend:
+    if name == "resident":
+        from edge_runtime.runtime.backends.resident import ResidentBackend
+
+        return ResidentBackend()
+    if name == "accelerate":
+        from edge_runtime.runtime.backends.accelerate_hooks import AccelerateBackend
+
+        return AccelerateBackend()
+    if name == "streamer":
+        from edge_runtime.runtime.backends.streamer import StreamerBackend
+
+        return StreamerBackend()
+    if name == "deepspeed":
+        from edge_runtime.runtime.backends.deepspeed_zero import DeepSpeedBackend
+
+        return DeepSpeedBackend()
+    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def choose_backend(plan) -> str:
+    """The backend ``auto`` means for this plan."""
+    if not plan.offloaded or plan.cpu_only:
+        return "resident"
+    if plan.backend == "deepspeed" or plan.target == "nvme":
+        return "deepspeed"
+    return "streamer"
+
+
+def load_model(request: LoadRequest, backend: str = "auto") -> LoadedModel:
+    """Load ``request`` with ``backend`` (``auto``: see choose_backend)."""
+    name = choose_backend(request.plan) if backend == "auto" else backend
+    return get_backend(name).load(request)
+
+
+__all__ = ["NAMES", "Backend", "BackendError", "LoadRequest", "LoadedModel", "TransferStats",
+           "choose_backend", "get_backend", "load_model"]

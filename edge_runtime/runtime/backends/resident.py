@@ -1,0 +1,21 @@
+"""Everything on the execution device: the baseline every other backend must equal."""
+
+from __future__ import annotations
+
+from edge_runtime.runtime.backends.base import Backend, LoadedModel, LoadRequest
+from edge_runtime.runtime.backends.checkpoint import Checkpoint
+from edge_runtime.runtime.backends.loading import build_skeleton, check_complete, load_tensors
+
+
+class ResidentBackend(Backend):
+    name = "resident"
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        ckpt = Checkpoint(request.checkpoint)
+        model = build_skeleton(request)
+        check_complete_names = ckpt.names()
+        nbytes = load_tensors(model, ckpt, check_complete_names, request.device, request)
+        check_complete(model, ckpt)
+        model.to(request.device)  # the constructor's buffers follow the weights
+        return LoadedModel(model, self.name, request.plan, request.device,
+                           details={"resident_bytes": nbytes})

@@ -1,0 +1,383 @@
+"""Runtime: one loaded model driven by a resolved profile.
+
+It owns the model adapter, the memory governor, the voice cache and the telemetry log; every
+forward runs under `torch.inference_mode()`. Serving layers talk to the model only through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_runtime.errors import InvalidInputError, RequestFailedError
+from edge_runtime.runtime.memory import MemoryGovernor, is_oom_error
+from edge_runtime.models.base import SpeechModel, SynthesisSettings
+from edge_runtime.paths import data_dir
+from edge_runtime.runtime.prompts import prepare_prompt
+from edge_runtime.runtime.telemetry import RequestTelemetry, TelemetryLog
+from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, check_voice_id, voice_key
+
+log = logging.getLogger(__name__)
+
+
+def _is_voice_id(text: str) -> bool:
+    """Voice ids are content hashes; any other string is a prompt file path."""
+    try:
+        check_voice_id(text)
+    except ValueError:
+        return False
+    return True
+
+
+def configure_threads(threads: int) -> int:
+    """Intra-op threads: the profile's value, or every physical core when it says 0."""
+    if threads <= 0:
+        import psutil
+
+        threads = psutil.cpu_count(logical=False) or torch.get_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+class Runtime:
+    """Synthesises speech with one model under one profile; safe to call from several threads."""
+
+    def __init__(self, model: SpeechModel, profile: Any, *, telemetry_path: str | None = None,
+                 device: str = "cpu", dtype: Any = None, plan: Any = None, placement: Any = None) -> None:
+        self.model = model
+        self.profile = profile
+        self.plan = plan  # the planner's Plan this model was loaded under (None: not planned)
+        self.placement_handle = placement  # what the backends hold (stats, end_request, close)
+        self.device = device
+        self.dtype = dtype  # the dtype policy's choice (DtypeChoice), for reports
+        self.threads = configure_threads(profile.runtime.threads)
+        cleanup = profile.cleanup
+        self.governor = MemoryGovernor(cleanup.policy, every_n=cleanup.every_n,
+                                       fragmentation_threshold=cleanup.fragmentation_threshold,
+                                       malloc_trim=cleanup.malloc_trim, device=device)
+        cache = profile.voice_cache
+        self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
+        self.telemetry = TelemetryLog(telemetry_path)
+        self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
+        self.inference_mode = True  # False only to measure the cost of autograd (soak's baseline)
+        # Everything alive now (torch, the model) is permanent: later full collections skip it,
+        # which makes per-request cleanup cost ~0.01 ms instead of ~50 ms.
+        MemoryGovernor.freeze_baseline()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_text(self, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("text is empty: give at least one word to speak")
+        limit = self.profile.limits.max_text_chars
+        if len(text) > limit:
+            raise InvalidInputError(
+                f"text is {len(text)} characters; profile {self.profile.name!r} allows at most {limit} "
+                f"(limits.max_text_chars; raise it with --set limits.max_text_chars=N)")
+        return text
+
+    def _settings(self, **kwargs: Any) -> SynthesisSettings:
+        speed = kwargs.get("speed", 1.0)
+        if not (isinstance(speed, (int, float)) and 0.25 <= float(speed) <= 4.0):
+            raise InvalidInputError(f"speed {speed!r} is out of range; allowed: 0.25 to 4.0")
+        for name in ("noise_scale", "noise_w"):
+            value = kwargs.get(name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 2.0):
+                raise InvalidInputError(f"{name} {value!r} is out of range; allowed: 0.0 to 2.0")
+        settings = SynthesisSettings(**kwargs)
+        self.model.check_settings(settings)
+        return settings
+
+    # -- voice prompts ----------------------------------------------------------------------
+    def prepare_voice(self, audio: Any, sample_rate: int | None = None,
+                      transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
+        """Prompt audio (bytes, a path, or samples with `sample_rate`) -> (voice id, prepared voice,
+        cache hit). The id is a content hash: the same clip again is a cache hit, never re-encoded."""
+        if not self.model.supports_voice_prompt:
+            raise InvalidInputError(f"{self.model.model_id} does not take voice prompts")
+        rate = getattr(self.model, "prompt_sample_rate", self.model.sample_rate)
+        clean = prepare_prompt(audio, rate, self.profile.limits.max_prompt_seconds, sample_rate=sample_rate)
+        key = voice_key(clean, rate, self.model.model_id, transcript)
+        with torch.inference_mode():
+            voice, hit = self.voice_cache.get_or_prepare(
+                key, lambda: self.model.prepare_voice(clean, rate, transcript))
+        return key, voice, hit
+
+    def _resolve_voice(self, voice: Any) -> tuple[PreparedVoice | None, str]:
+        """None, a PreparedVoice, a voice id from prepare_voice, or prompt audio -> (voice, cache status)."""
+        if voice is None:
+            return None, "none"
+        if isinstance(voice, PreparedVoice):
+            return voice, "none"
+        if isinstance(voice, tuple) and len(voice) == 2:  # (samples, sample_rate)
+            _, prepared, hit = self.prepare_voice(voice[0], voice[1])
+            return prepared, "hit" if hit else "miss"
+        if isinstance(voice, str) and _is_voice_id(voice):
+            cached = self.voice_cache.get(voice) or self._from_library(voice)
+            if cached is None:
+                raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
+                                        f"evicted; the cache keeps {self.voice_cache.max_entries} voices; "
+                                        "save_voice() keeps one on disk)")
+            return cached, "hit"
+        _, prepared, hit = self.prepare_voice(voice)
+        return prepared, "hit" if hit else "miss"
+
+    def voice_library(self) -> VoiceLibrary:
+        root = self.profile.voice_cache.library_dir
+        return VoiceLibrary(Path(root).expanduser() if root else data_dir() / "prepared_voices")
+
+    def save_voice(self, voice_id: str) -> Path:
+        """Keep a prepared voice on disk so it survives restarts (safetensors + JSON, no pickle)."""
+        voice = self.voice_cache.get(voice_id)
+        if voice is None:
+            raise InvalidInputError(f"voice {voice_id!r} is not prepared in this runtime")
+        library = self.voice_library()
+        library.save(voice_id, voice)
+        return library.root / f"{voice_id}.safetensors"
+
+    def _from_library(self, voice_id: str) -> PreparedVoice | None:
+        try:
+            library = self.voice_library()
+            if voice_id not in library:
+                return None
+            voice = library.load(voice_id, device=self.voice_cache.device)
+        except ValueError as exc:  # a malformed id or a damaged entry
+            raise InvalidInputError(f"voice {voice_id!r}: {exc}") from None
+        if voice.model_id != self.model.model_id:
+            raise InvalidInputError(f"voice {voice_id!r} was prepared for {voice.model_id}, "
+                                    f"not {self.model.model_id}")
+        return self.voice_cache.put(voice_id, voice)
+
+    # -- synthesis --------------------------------------------------------------------------
+    def _request(self, text: str, voice: Any, settings: dict) -> tuple[list[str], SynthesisSettings, Any, str]:
+        """Validate everything before any compute, so a bad request never reaches the model."""
+        text = self._check_text(text)
+        opts = self._settings(**settings)
+        units = self.model.split_text(text)
+        if not units:
+            raise InvalidInputError("text has nothing speakable after normalisation")
+        prepared, status = self._resolve_voice(voice)
+        return units, opts, prepared, status
+
+    def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
+        """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
+        units, opts, prepared, status = self._request(text, voice, settings)
+        return self._run(units, opts, prepared, stream=True, cache_status=status)
+
+    def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
+        """The whole utterance as one float32 array, and its sample rate."""
+        units, opts, prepared, status = self._request(text, voice, settings)
+        chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return audio, self.sample_rate
+
+    def _run(self, units: list[str], opts: SynthesisSettings, voice: Any, stream: bool,
+             cache_status: str = "none") -> Iterator[np.ndarray]:
+        record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id, "batch_size": 1,
+                  "voice_cache": cache_status}
+        start = time.perf_counter()
+        first_audio = None
+        samples = 0
+        error = None
+        try:
+            for unit in units:
+                for chunk in self._forward(unit, opts, voice, stream):
+                    if first_audio is None:
+                        first_audio = time.perf_counter() - start
+                    samples += len(chunk)
+                    yield chunk
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._finish(record, start, first_audio, samples, error)
+
+    def _forward(self, unit: str, opts: SynthesisSettings, voice: Any, stream: bool) -> Iterator[np.ndarray]:
+        """One unit, chunk by chunk, each step under inference mode and the model lock (held per
+        step, not while a slow consumer reads). An OOM before the first chunk cleans up and retries
+        once; after audio went out it fails the request, and the runtime serves the next one."""
+        for attempt in (1, 2):
+            produced = False
+            steps = self.model.synthesize_unit(unit, opts, voice, stream=stream)
+            try:
+                while True:
+                    with self._lock, self._grad_context():
+                        chunk = next(steps, None)
+                    if chunk is None:
+                        return
+                    produced = True
+                    yield chunk
+            except Exception as exc:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+                if not is_oom_error(exc):
+                    raise
+                self.governor.recover_from_oom()
+                if produced or attempt == 2:
+                    raise RequestFailedError(
+                        f"out of memory synthesising {len(unit)} characters even after cleanup; "
+                        "try a smaller profile tier or shorter text") from exc
+                log.warning("out of memory; cleaned up and retrying once")
+            finally:
+                steps.close()
+
+    # -- batches ----------------------------------------------------------------------------
+    def synthesize_batch(self, texts: list[str], *, voice: Any = None, max_batch: int | None = None,
+                         **settings: Any) -> list[tuple[np.ndarray, int]]:
+        """Several requests with the same settings, their sentences run `max_batch` at a time.
+
+        Out of memory in a batch: clean up, split it in halves and retry each half; a single sentence
+        that still does not fit fails the whole call with RequestFailedError (the runtime lives on).
+        """
+        if not hasattr(self.model, "synthesize_batch"):
+            return [self.synthesize(text, voice=voice, **settings) for text in texts]
+        opts = self._settings(**settings)
+        units = [self.model.split_text(self._check_text(text)) for text in texts]
+        voice, status = self._resolve_voice(voice)
+        flat = [(i, unit) for i, request_units in enumerate(units) for unit in request_units]
+        size = max(1, max_batch or self.batch_size())
+        outputs: list[list[np.ndarray]] = [[] for _ in texts]
+        start = time.perf_counter()
+        error = None
+        try:
+            for first in range(0, len(flat), size):
+                group = flat[first:first + size]
+                for (i, _), audio in zip(group, self._forward_batch([u for _, u in group], opts, voice)):
+                    outputs[i].append(audio)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            for chunks in outputs:
+                record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id,
+                          "batch_size": min(size, len(flat)), "voice_cache": status}
+                self._finish(record, start, None, sum(len(c) for c in chunks), error)
+        return [(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate)
+                for chunks in outputs]
+
+    def batch_size(self) -> int:
+        configured = self.profile.batching.max_batch
+        return configured if isinstance(configured, int) else 1
+
+    def _forward_batch(self, units: list[str], opts: SynthesisSettings, voice: Any,
+                       retried: bool = False) -> list[np.ndarray]:
+        try:
+            with self._lock, self._grad_context():
+                return self.model.synthesize_batch(units, opts, voice)
+        except Exception as exc:  # noqa: BLE001 - only OOMs are handled, the rest re-raised
+            if not is_oom_error(exc):
+                raise
+            self.governor.recover_from_oom()
+            if len(units) > 1:
+                half = len(units) // 2
+                log.warning("out of memory at batch %d; cleaned up, retrying as %d + %d", len(units), half,
+                            len(units) - half)
+                return (self._forward_batch(units[:half], opts, voice)
+                        + self._forward_batch(units[half:], opts, voice))
+            if retried:
+                raise RequestFailedError(
+                    f"out of memory synthesising one sentence of {len(units[0])} characters even alone "
+                    "and after cleanup; try a smaller profile tier or shorter sentences") from exc
+            return self._forward_batch(units, opts, voice, retried=True)  # once more, as for one request
+
+    def _finish(self, record: dict, start: float, first_audio: float | None, samples: int,
+                error: str | None) -> None:
+        latency = time.perf_counter() - start
+        audio_s = samples / self.sample_rate
+        placement = getattr(self.model, "placement", None)
+        if placement is not None:  # streamed blocks kept for repeated calls go back between requests
+            placement.end_request()
+        snap = self.governor.snapshot()  # before cleanup: cleanup resets the CUDA peak
+        cleanup = self.governor.after_request()
+        self.telemetry.record(RequestTelemetry(
+            **record, latency_s=latency, audio_seconds=audio_s,
+            rtf=latency / audio_s if audio_s else None, time_to_first_audio_s=first_audio,
+            rss_bytes=snap.rss_bytes, cuda_allocated=snap.cuda_allocated, cuda_reserved=snap.cuda_reserved,
+            cuda_peak=snap.cuda_peak, cleaned=cleanup.cleaned, error=error))
+
+    def _grad_context(self):
+        return torch.inference_mode() if self.inference_mode else torch.enable_grad()
+
+    @property
+    def last_telemetry(self) -> RequestTelemetry | None:
+        return self.telemetry.last()
+
+    @property
+    def placement(self) -> dict[str, Any]:
+        """How the model's weights are placed: backend, plan summary and transfer counters
+        (``bytes_moved`` counts since load: subtract two readings for one request)."""
+        loaded = getattr(self.model, "placement", None)
+        if loaded is None:
+            return {"backend": "resident", "device": self.device}
+        plan = loaded.plan
+        return {**loaded.describe(), "resident_bytes": plan.resident_bytes,
+                "streamed_bytes": plan.streamed_bytes, "target": plan.target,
+                "predicted_peak_vram_bytes": plan.peak_vram_bytes}
+
+    def close(self) -> None:
+        if hasattr(self.model, "close"):
+            self.model.close()
+        self.voice_cache.clear()
+        MemoryGovernor.release_baseline()
+        self.telemetry.close()
+
+
+def choose_device(profile: Any) -> tuple[str, Any]:
+    """CUDA when the profile is a GPU tier and torch sees a GPU, else the CPU; and the dtype policy's
+    choice for that device (a DtypeChoice with the reason)."""
+    from edge_runtime.policy.dtypes import choose_dtype
+
+    requested = profile.precision.dtype
+    if profile.memory.vram_gib and torch.cuda.is_available():
+        return "cuda", choose_dtype(requested, "cuda", torch.cuda.get_device_capability(0))
+    cpu_bf16 = False
+    if requested == "bf16":  # only then is the CPU's ISA worth probing
+        from edge_runtime.policy.hardware import probe
+
+        cpu_bf16 = probe().cpu.bf16_native
+    return "cpu", choose_dtype(requested, "cpu", cpu_bf16=cpu_bf16)
+
+
+def load(model: str | None = None, *, profile: str | None = None, overrides: tuple[str, ...] = (),
+         telemetry: str | None = None, allow_download: bool = False) -> Runtime:
+    """Resolve the profile, load `model` (default: the embedded Piper voice) and return a Runtime."""
+    from edge_runtime.policy.dtypes import torch_dtype
+    from edge_runtime.models import registry
+    from edge_runtime.policy.profiles import load_profile
+
+    resolved = load_profile(profile, overrides)
+    configure_threads(resolved.runtime.threads)  # before loading: weight prepacking uses them
+    if resolved.runtime.reuse_heap:
+        from edge_runtime.runtime.memory import reuse_heap
+
+        reuse_heap()  # process-wide and one-way: glibc keeps it for the life of the process
+    device, dtype = choose_device(resolved)
+    spec = registry.resolve(model, allow_download=allow_download)
+    plan, backend = None, "resident"
+    # A GPU tier places blocks as the planner says; transformers models always load from a plan
+    # (on the cpu tier a CPU-only one), the embedded voice on the CPU loads directly (fast start).
+    if resolved.memory.vram_gib or spec.kind != "piper":
+        from edge_runtime.runtime.planning import backend_for, plan_model
+
+        plan = plan_model(spec, resolved, torch_dtype(dtype.dtype))
+        backend = backend_for(resolved, plan)
+        name = model or registry.DEFAULT_MODEL
+        if plan.cpu_only:  # nothing to offload from: every block computes in RAM
+            log.info("plan for %s: backend %s, all %d block(s) on the CPU", name, backend, len(plan.blocks))
+        else:
+            log.info("plan for %s: backend %s, %d block(s) offloaded to %s", name, backend,
+                     sum(b.placement != "gpu" for b in plan.blocks), plan.target)
+    adapter = registry.load(spec, device=device, dtype=torch_dtype(dtype.dtype),
+                            fp32_components=tuple(resolved.precision.fp32_components),
+                            plan=plan, backend=backend, offload_dir=resolved.offload.offload_dir)
+    return Runtime(adapter, resolved, telemetry_path=telemetry, device=device, dtype=dtype)

@@ -1,7 +1,0 @@
-"""OpenAI-compatible HTTP server (FastAPI): `create_app(runtime, settings)`; run it with
-`edge-runtime serve`. Needs the `server` extra (fastapi, uvicorn, prometheus-client, python-multipart)."""
-
-from .app import create_app
-from .settings import ServerSettings
-
-__all__ = ["ServerSettings", "create_app"]
