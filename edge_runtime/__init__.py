@@ -13,8 +13,12 @@ __all__ = ["__version__", "load", "Runtime"]
 
 def __getattr__(name: str):
     # Lazy: `import edge_runtime` (and the CLI's --help) must not pay for importing torch.
-    if name in ("load", "Runtime"):
-        from edge_runtime.runtime import engine
+    if name == "load":
+        from edge_runtime.runtime.loader import load
 
-        return getattr(engine, name)
+        return load
+    if name == "Runtime":
+        from edge_runtime.runtime.engine import Runtime
+
+        return Runtime
     raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The voice-cloning models at their default (published) sizes, planned for every GPU tier.
 
-Everything is computed on the meta device from the transformers default configs: no weights, no
-download. For each model: bytes per component in bf16 (fp16 is the same size; codecs stay fp32),
+Everything is computed on the meta device from folders holding only the published config files
+(scripts/published_configs.py: transformers' default configs, codecs included): no weights, no
+download, the same code path as `edge-runtime plan --model DIR`. For each model: bytes per component in bf16 (fp16 is the same size; codecs stay fp32),
 then the plan the shipped 6/8/12/24 GB profiles give (bf16, as on an Ampere-class card): what is
 resident, streamed or computed on the CPU, predicted peak VRAM, and the predicted extra latency
 of the offload per request and per generated frame. Prints markdown (the README's table) and
@@ -18,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 # (label, shipped profile, overrides): the four tiers, plus a 4 GB card (auto-selection gives it
 # the 6gb profile with a warning) to show what offloading costs when it is needed.
@@ -25,18 +27,6 @@ TIERS = (("4gb", "6gb", ("memory.vram_gib=4", "memory.reserve_gib=0.5")), ("6gb"
          ("8gb", "8gb", ()), ("12gb", "12gb", ()), ("24gb", "24gb", ()))
 # bf16/fp16 on Volta and newer; fp32 on older cards (compute capability < 7.0, e.g. GTX 10xx)
 DTYPES = (("bf16", "bfloat16"), ("fp32", "float32"))
-
-
-def models():
-    """(name, config, transformers class) for each supported family at its default size."""
-    import transformers as tf
-
-    out = [("CSM (sesame/csm-1b)", tf.CsmConfig(), tf.CsmForConditionalGeneration),
-           ("Dia (nari-labs/Dia-1.6B)", tf.DiaConfig(), tf.DiaForConditionalGeneration),
-           ("Dia's DAC codec", tf.DacConfig(), tf.DacModel)]
-    if hasattr(tf, "PocketTTSForConditionalGeneration"):
-        out.append(("Pocket TTS", tf.PocketTTSConfig(), tf.PocketTTSForConditionalGeneration))
-    return out
 
 
 def summarise(result) -> str:
@@ -60,35 +50,33 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results" / "model_table.json")
     args = ap.parse_args()
 
+    import tempfile
+
     import torch
 
-    from edge_runtime.policy.planner import layout_from_config
+    from edge_runtime.models import registry
     from edge_runtime.policy.planner.layout import gib
+    from published_configs import NAMES, write_all
 
     sizes, plans, data = [], [], []
-    from edge_runtime.models.hf.base import ADAPTERS, adapter_class
-
-    def layout_of(config, cls, dtype):
-        # the adapter's layout is what the runtime plans (e.g. CSM's codec split into parts)
-        if cls.__name__ in ADAPTERS:
-            config.architectures = [cls.__name__]
-            return adapter_class(config).layout(config, dtype)
-        return layout_from_config(config, cls, dtype)
-
-    for name, config, cls in models():
-        layout = layout_of(config, cls, torch.bfloat16)
-        for c in layout.components:
-            params = sum(b.params for b in c.blocks)
-            sizes.append(f"| {name} | {c.name} | {'AR' if c.autoregressive else 'non-AR'} | "
-                         f"{params / 1e6:.1f}M | {gib(c.bytes):.3f}{' (fp32)' if c.fp32 else ''} |")
-        sizes.append(f"| {name} | **total** | | {layout.total_params / 1e6:.1f}M | **{gib(layout.total_bytes):.2f}** |")
-        entry = {"model": name, "total_bytes": layout.total_bytes,
-                 "components": {c.name: c.bytes for c in layout.components}, "plans": {}}
-        for dtype_name, dtype in DTYPES:
-            typed = layout if dtype_name == "bf16" else layout_of(config, cls, getattr(torch, dtype))
-            for tier, base, overrides in TIERS:
-                _plan_row(name, typed, tier, base, overrides, dtype_name, plans, entry)
-        data.append(entry)
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, folder in write_all(Path(tmp)).items():
+            name = NAMES[key]
+            source = registry.resolve(str(folder), weights=False)  # config files only
+            layout = source.family.layout(source, torch.bfloat16)
+            for c in layout.components:
+                params = sum(b.params for b in c.blocks)
+                sizes.append(f"| {name} | {c.name} | {c.kind} | {params / 1e6:.1f}M | "
+                             f"{gib(c.bytes):.3f}{' (fp32)' if c.fp32 else ''} |")
+            sizes.append(f"| {name} | **total** | | {layout.total_params / 1e6:.1f}M | "
+                         f"**{gib(layout.total_bytes):.2f}** |")
+            entry = {"model": name, "total_bytes": layout.total_bytes,
+                     "components": {c.name: c.bytes for c in layout.components}, "plans": {}}
+            for dtype_name, dtype in DTYPES:
+                typed = layout if dtype_name == "bf16" else source.family.layout(source, getattr(torch, dtype))
+                for tier, base, overrides in TIERS:
+                    _plan_row(name, typed, tier, base, overrides, dtype_name, plans, entry)
+            data.append(entry)
     _print(sizes, plans, data, args.out)
     return 0
 

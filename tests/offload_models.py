@@ -83,3 +83,30 @@ def plan_for(shape: dict, resident_fraction: float, dtype=torch.float32, **profi
                + (2 + profile_kw.get("prefetch", 1)) * largest)
     prof = profile(vram, **profile_kw)
     return plan(layout, prof, compute_budget(prof, layout))
+
+
+def save_formats(single: Path, root: Path, shards: int = 4) -> dict[str, Path]:
+    """The safetensors checkpoint ``single`` written again in every format the backends accept,
+    under ``root``: format name -> the path a LoadRequest names. Sharded checkpoints are written
+    by huggingface_hub (its own index layout), cut into about ``shards`` shards."""
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(single))
+    shard_bytes = sum(t.numel() * t.element_size() for t in state.values()) // shards + 1
+    out = {"single": single}
+    for name, safe in (("sharded", True), ("sharded_bin", False)):
+        (root / name).mkdir(parents=True)
+        save_torch_state_dict(state, root / name, max_shard_size=shard_bytes, safe_serialization=safe)
+        out[name] = root / name / ("model.safetensors.index.json" if safe else "pytorch_model.bin.index.json")
+    out["sharded_folder"] = root / "sharded"
+    (root / "folder").mkdir()
+    shutil.copyfile(single, root / "folder" / "model.safetensors")
+    out["folder"] = root / "folder"
+    out["torch"] = root / "tiny.pt"
+    torch.save(state, out["torch"])
+    out["torch_wrapped"] = root / "tiny.ckpt"  # a training checkpoint: weights beside other state
+    torch.save({"state_dict": state, "epoch": 3, "hyper_parameters": {"lr": 0.1}}, out["torch_wrapped"])
+    return out

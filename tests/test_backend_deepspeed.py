@@ -20,7 +20,7 @@ from edge_runtime.runtime.backends import BackendError, LoadRequest, get_backend
 from edge_runtime.runtime.backends import deepspeed_zero  # noqa: E402
 from edge_runtime.policy.planner.plan import DS_PERSISTENCE_THRESHOLD  # noqa: E402
 
-from offload_models import TinyStack, plan_for, save_random  # noqa: E402
+from offload_models import TinyStack, plan_for, save_formats, save_random  # noqa: E402
 
 # up/down weights (256 x 1024 = 262k elements) exceed ZeRO-3's persistence threshold (100k) and
 # are partitioned; smaller tensors (norms, biases, 256 x 256 embed/head) stay resident by design.
@@ -138,6 +138,24 @@ def test_init_inference_when_nothing_offloaded(zero3, checkpoint, reference):
     assert all(t.numel() == 0 for t in [*loaded.model.parameters(), *loaded.model.buffers()])
 
 
+@pytest.fixture(scope="module")
+def formats(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    return save_formats(checkpoint, tmp_path_factory.mktemp("formats"))
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "sharded_folder", "folder", "torch", "torch_wrapped", "sharded_bin"])
+@pytest.mark.parametrize("mode,fraction", [("zero3", 0.3), ("inference", 1.0)])
+def test_every_checkpoint_format(zero3, formats, reference, fmt, mode, fraction):
+    """Through open_checkpoint like the other backends: the same outputs as the single file."""
+    loaded = get_backend("deepspeed").load(_request(formats[fmt], plan_for(SHAPE, fraction, target="cpu")))
+    try:
+        assert loaded.details["mode"] == mode
+        with torch.no_grad():
+            assert torch.equal(loaded.model(IDS), reference[torch.float32])
+    finally:
+        loaded.close()
+
+
 @pytest.fixture
 def no_op_builds(monkeypatch):
     """Fail the test if anything starts the process group or compiles an op."""
@@ -187,6 +205,16 @@ def test_missing_checkpoint_tensor_is_named(checkpoint, tmp_path, no_op_builds):
     save_file(state, str(partial))
     with pytest.raises(BackendError, match=r"blocks\.1\.up\.weight"):
         get_backend("deepspeed").load(_request(partial, plan_for(SHAPE, 0.3, target="cpu")))
+
+
+@pytest.mark.parametrize("name,expected", [("gone.pt", "does not exist"), ("weights.npz", "unknown format")])
+def test_bad_checkpoint_named_before_any_build(name, expected, tmp_path, no_op_builds):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        path.write_bytes(b"PK")
+    with pytest.raises(BackendError, match=expected) as err:
+        get_backend("deepspeed").load(_request(path, plan_for(SHAPE, 0.3, target="cpu")))
+    assert str(path) in str(err.value)
 
 
 def test_deepspeed_not_importable_names_the_extra(checkpoint, monkeypatch):

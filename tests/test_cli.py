@@ -1,4 +1,5 @@
-"""The `edge-runtime` CLI: in process via main([...]) and as `python -m edge_runtime`."""
+"""The `edge-runtime` CLI: in process via main([...]); a few smoke tests start the real console
+script and `python -m edge_runtime` (exit codes, --help, the environment variable)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ from edge_runtime.serving import cli
 from edge_runtime.policy.profiles import ENV_VAR, list_profiles
 
 
-def _run(*args: str, env_profile: str | None = None) -> subprocess.CompletedProcess:
+def _console(*args: str, env_profile: str | None = None) -> subprocess.CompletedProcess:
+    """The installed `edge-runtime` console script (next to this interpreter) as a user runs it."""
     import os
+    import shutil
 
+    script = shutil.which("edge-runtime", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.fail(f"no edge-runtime console script next to {sys.executable}: is the package installed (pip install -e .)?")
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     if env_profile:
         env[ENV_VAR] = env_profile
-    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(autouse=True)
@@ -103,10 +108,10 @@ def test_doctor_text_with_profile(capsys):
     assert "12gb" in out and "chosen by --profile" in out and "Packages" in out
 
 
-def test_module_doctor_json_subprocess():
-    res = _run("doctor", "--json", env_profile="6gb")
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
+def test_doctor_json_profile_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "6gb")
+    assert cli.main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["profile"]["name"] == "6gb" and report["profile"]["chosen_by"] == ENV_VAR
 
 
@@ -114,12 +119,34 @@ def test_module_doctor_json_subprocess():
     (["--profile", "no_such_profile", "profiles", "show"], "unknown profile 'no_such_profile'"),
     (["profiles", "show", "8gb", "--set", "cleanup.policy=bogus"], "cleanup.policy"),
     (["doctor", "--set", "cleanup.polcy=1"], "did you mean 'cleanup.policy'"),
+    (["profiles", "show", "8gb", "--set", "cleanup.fragmentation_threshold=0"], "allowed: a number above 0"),
 ])
-def test_bad_profile_exits_2_without_traceback(args, message):
-    res = _run(*args)
+def test_bad_profile_exits_2_without_traceback(args, message, capsys):
+    assert cli.main(args) == 2  # an uncaught exception (a traceback) would fail the test here
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+# -- the real console script: a few subprocess smoke tests ------------------------------------
+def test_console_script_starts_and_prints_help():
+    res = _console("--help")
+    assert res.returncode == 0, res.stderr
+    assert "usage: edge-runtime" in res.stdout and "doctor" in res.stdout
+
+
+def test_console_script_exit_codes():
+    res = _console("--profile", "no_such_profile", "profiles", "show")
     assert res.returncode == 2, (res.returncode, res.stderr)
-    assert res.stderr.startswith("error: ") and message in res.stderr
+    assert res.stderr.startswith("error: ") and "unknown profile 'no_such_profile'" in res.stderr
     assert "Traceback" not in res.stderr
+    res = _console()  # no command: usage on stderr
+    assert res.returncode == 2 and "usage: edge-runtime" in res.stderr
+
+
+def test_python_dash_m_runs_the_cli():
+    res = subprocess.run([sys.executable, "-m", "edge_runtime", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"edge-runtime {__version__}"
 
 
 def test_bad_profile_in_process(capsys):

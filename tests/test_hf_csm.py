@@ -124,7 +124,7 @@ def test_offloaded_equals_resident(folder, prompt, reference, backend):
     try:
         placement = rt.placement
         assert placement["backend"] == backend
-        blocks = rt.model.placement.plan.blocks
+        blocks = rt.plan.blocks
         codec = sum(b.bytes for b in blocks if b.name.startswith("codec_model."))
         assert placement["streamed_bytes"] > 0.9 * codec  # nearly all of the codec, in parts
         assert sum(b.placement.startswith("stream:") for b in blocks) >= 10
@@ -142,18 +142,8 @@ def test_offloaded_equals_resident(folder, prompt, reference, backend):
 
 
 def test_bf16_keeps_codec_fp32(folder, prompt):
-    from edge_runtime.runtime.engine import Runtime
-    from edge_runtime.models import registry
-    from edge_runtime.runtime.planning import plan_model
-    from edge_runtime.policy.profiles import load_profile
-
-    rt = edge_runtime.load(model=str(folder), profile="cpu", overrides=("precision.dtype=bf16", *THREADS))
-    if rt.dtype.dtype != "bf16":  # no native bf16 on this CPU: the policy chose fp32; load bf16 directly
-        rt.close()
-        profile = load_profile("cpu", THREADS)
-        spec = registry.resolve(str(folder))
-        plan = plan_model(spec, profile, torch.bfloat16)
-        rt = Runtime(registry.load(spec, dtype=torch.bfloat16, plan=plan), profile)
+    # the policy's bf16 where this CPU has it natively, else forced (emulated; same loader)
+    rt = edge_runtime.load(model=str(folder), profile="cpu", overrides=THREADS, dtype="bf16")
     try:
         params = dict(rt.model.model.named_parameters())
         assert {p.dtype for n, p in params.items() if n.startswith("codec_model.")} == {torch.float32}

@@ -114,7 +114,7 @@ def test_offloaded_equals_resident(folder, resident, prompt_wav, backend):
     try:
         placement = off.placement
         assert placement["backend"] == backend and placement["streamed_bytes"] > 0
-        streamed = [b for b in off.model.placement.plan.blocks if b.placement.startswith("stream:")]
+        streamed = [b for b in off.plan.blocks if b.placement.startswith("stream:")]
         assert len(streamed) >= 2
         # same weights, same ops on the same device: bit-identical, greedy and seeded sampling alike
         assert np.array_equal(off.synthesize(TEXT, noise_scale=0.0)[0], resident["greedy"])
@@ -126,23 +126,9 @@ def test_offloaded_equals_resident(folder, resident, prompt_wav, backend):
 
 
 def load_bf16(folder):
-    """A bf16 runtime: through edge_runtime.load when the dtype policy allows bf16 on this CPU (native
-    bf16 ISA), else the same planner + registry path with bf16 forced (emulated: slow, but the
-    mechanics checked here do not depend on the ISA)."""
-    from edge_runtime.runtime.engine import Runtime
-    from edge_runtime.models import registry
-    from edge_runtime.runtime.planning import plan_model
-    from edge_runtime.policy.profiles import load_profile
-
-    bf16 = ("precision.dtype=bf16", *ONE_THREAD)
-    runtime = edge_runtime.load(model=str(folder), profile="cpu", overrides=bf16)
-    if runtime.dtype.dtype == "bf16":
-        return runtime
-    runtime.close()
-    profile = load_profile("cpu", bf16)
-    spec = registry.resolve(str(folder))
-    adapter = registry.load(spec, dtype=torch.bfloat16, plan=plan_model(spec, profile, torch.bfloat16))
-    return Runtime(adapter, profile)
+    """A bf16 runtime through edge_runtime.load: the dtype policy's choice where this CPU has native
+    bf16, else bf16 forced (emulated: slow, but the mechanics checked here do not depend on the ISA)."""
+    return edge_runtime.load(model=str(folder), profile="cpu", overrides=ONE_THREAD, dtype="bf16")
 
 
 def test_bf16_keeps_codec_fp32(folder):

@@ -19,11 +19,24 @@ from hf_support import speech_prompt
 
 TEXT = "Hello world. How are you today?"  # two sentences: two generate calls
 SHORT = "Hello world."
-# A GPU tier just above what streaming needs for this tiny model (activations + KV cache + two
-# copies of the largest streamed block), run on this machine's execution device.
-STREAM_TIER = ("memory.vram_gib=0.0007", "memory.reserve_gib=0", "batching.max_batch=1",
-               "offload.keep_resident=[]", "precision.dtype=fp32", "offload.target=disk",
-               "limits.max_text_chars=200", "limits.max_prompt_seconds=5")
+# A GPU tier (sized by stream_tier) holding the codec, the activations and KV cache but only half
+# of the LM, run on this machine's execution device.
+STREAM_BASE = ("memory.reserve_gib=0", "batching.max_batch=1", "offload.keep_resident=[audio_tokenizer]",
+               "precision.dtype=fp32", "offload.target=disk", "limits.max_text_chars=200",
+               "limits.max_prompt_seconds=5")
+
+
+def stream_tier(folder: Path) -> tuple[str, ...]:
+    """STREAM_BASE with a VRAM size whose room for the LM is half of its weights plus two streaming
+    buffers: what the codec sub-model, activations and KV cache take is read from the plan itself."""
+    from edge_runtime.runtime.loader import resolve
+
+    plan = resolve(str(folder), profile="6gb", overrides=STREAM_BASE).plan
+    lm = sum(b.bytes for b in plan.blocks if not b.submodel)
+    codec = sum(b.bytes for b in plan.blocks if b.submodel)
+    buffers = 2 * max(b.bytes for b in plan.blocks if not b.submodel)
+    vram = plan.budget.activation_bytes + plan.budget.kv_cache_bytes + codec + (lm + buffers) // 2
+    return (*STREAM_BASE, f"memory.vram_gib={vram / 1024**3:.9f}")
 
 
 def same_audio(a: np.ndarray, b: np.ndarray) -> bool:
@@ -91,7 +104,7 @@ def test_voice_prompt_encoded_once(rt, prompt_path, resident_audio):
 
 @pytest.mark.parametrize("backend", ["streamer", "accelerate", "deepspeed"])
 def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend, monkeypatch):
-    # Every Pocket TTS block is autoregressive (the codec is outside the model), and the planner
+    # Every block of the Pocket TTS model is autoregressive (its codec, a sub-model, is not), and the planner
     # rightly computes AR blocks on the CPU rather than streaming them every frame. To exercise
     # streaming we tell it this CPU is very slow, so it streams decoder layers from disk instead.
     from edge_runtime.policy import bandwidth
@@ -100,12 +113,12 @@ def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend,
     monkeypatch.setattr(bandwidth, "cost_model_from_measurement",
                         lambda *a, **k: (CostModel(cpu_flops=1e3), "test: a very slow CPU"))
     rt = edge_runtime.load(model=str(folder), profile="6gb",
-                           overrides=(*STREAM_TIER, f"offload.backend={backend}",
+                           overrides=(*stream_tier(folder), f"offload.backend={backend}",
                                       *(("offload.target=cpu",) if backend == "deepspeed" else ())))
     try:
         placement = rt.placement
         assert placement["backend"] == backend
-        streamed = [b.name for b in rt.model.placement.plan.blocks if b.placement.startswith("stream:")]
+        streamed = [b.name for b in rt.plan.blocks if b.placement.startswith("stream:")]
         print(f"{backend}: streams {streamed} ({placement['streamed_bytes']} bytes)")
         assert placement["streamed_bytes"] > 0 and len([n for n in streamed if ".layers." in n]) >= 2
         voice_id, _, _ = rt.prepare_voice(prompt_path)
@@ -121,20 +134,9 @@ def test_offloaded_equals_resident(folder, prompt_path, resident_audio, backend,
 
 
 def bf16_runtime(folder: Path):
-    """bf16 through edge_runtime.load where the dtype policy allows it (native bf16 on this CPU);
-    elsewhere the policy keeps fp32, so the adapter is loaded in bf16 directly (same loader)."""
-    from edge_runtime.runtime.engine import Runtime
-    from edge_runtime.policy.hardware import probe
-    from edge_runtime.models import registry
-    from edge_runtime.runtime.planning import plan_model
-    from edge_runtime.policy.profiles import load_profile
-
-    if probe().cpu.bf16_native:
-        return edge_runtime.load(model=str(folder), profile="cpu", overrides=("precision.dtype=bf16",))
-    profile = load_profile("cpu", ("precision.dtype=bf16",))
-    spec = registry.resolve(str(folder))
-    adapter = registry.load(spec, dtype=torch.bfloat16, plan=plan_model(spec, profile, torch.bfloat16))
-    return Runtime(adapter, profile)
+    """bf16 through edge_runtime.load: the dtype policy's choice where this CPU has native bf16,
+    else forced (emulated: the same loader and placement)."""
+    return edge_runtime.load(model=str(folder), profile="cpu", dtype="bf16")
 
 
 def test_bf16_keeps_fp32_islands(folder, prompt_path):
@@ -213,10 +215,10 @@ def test_bad_prompts_and_settings(rt):
 def test_layout_of_default_config():
     from transformers import PocketTTSConfig, PocketTTSForConditionalGeneration
 
-    from edge_runtime.policy.planner import layout_from_config
+    from edge_runtime.models.hf.pocket_tts import PocketTTSSpeechModel
     from edge_runtime.policy.planner.layout import gib
 
-    layout = layout_from_config(PocketTTSConfig(), PocketTTSForConditionalGeneration, torch.bfloat16)
+    layout = PocketTTSSpeechModel.model_layout(PocketTTSConfig(), torch.bfloat16)
     print(layout.summary())
     names = [c.name for c in layout.components]
     assert names[:3] == ["embeddings", "decoder", "flow_head"]

@@ -8,10 +8,19 @@ import sys
 import pytest
 import torch
 
+from edge_runtime.policy.schema import Cleanup
 from edge_runtime.runtime import memory
 from edge_runtime.runtime.memory import MemoryGovernor, MemorySnapshot, OOMInjector, is_oom_error
 
 MiB = 1024 * 1024
+
+
+def governor(policy: str, *, every_n: int = 8, fragmentation_threshold: float = 0.25, malloc_trim: bool = True,
+             **kwargs) -> MemoryGovernor:
+    """A governor from a schema-validated cleanup section, as the engine builds it."""
+    cleanup = Cleanup(policy=policy, every_n=every_n, fragmentation_threshold=fragmentation_threshold,
+                      malloc_trim=malloc_trim)
+    return MemoryGovernor(cleanup, **kwargs)
 
 
 class FakeStats:
@@ -35,14 +44,14 @@ def run(governor: MemoryGovernor, n: int) -> list[bool]:
 
 # -- policies ---------------------------------------------------------------------------------
 def test_per_request_cleans_every_call():
-    gov = MemoryGovernor("per_request", stats=FakeStats())
+    gov = governor("per_request", stats=FakeStats())
     assert run(gov, 5) == [True] * 5
     assert gov.cleanups == 5 and gov.requests == 5 and gov.last_reason == "per_request"
 
 
 def test_off_never_cleans_and_takes_no_snapshot():
     stats = FakeStats()
-    gov = MemoryGovernor("off", stats=stats)
+    gov = governor("off", stats=stats)
     records = [gov.after_request() for _ in range(20)]
     assert not any(r.cleaned for r in records)
     assert gov.cleanups == 0 and gov.last_reason is None and stats.calls == 0
@@ -50,14 +59,14 @@ def test_off_never_cleans_and_takes_no_snapshot():
 
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_every_n_cleans_on_each_nth_call(n):
-    gov = MemoryGovernor("every_n", every_n=n, stats=FakeStats())
+    gov = governor("every_n", every_n=n, stats=FakeStats())
     cleaned = run(gov, 4 * n)
     assert [i + 1 for i, c in enumerate(cleaned) if c] == [n, 2 * n, 3 * n, 4 * n]
     assert gov.cleanups == 4
 
 
 def test_every_n_count_restarts_after_a_forced_cleanup():
-    gov = MemoryGovernor("every_n", every_n=4, stats=FakeStats())
+    gov = governor("every_n", every_n=4, stats=FakeStats())
     assert run(gov, 2) == [False, False]
     assert gov.recover_from_oom().cleaned
     assert run(gov, 4) == [False, False, False, True]
@@ -66,7 +75,7 @@ def test_every_n_count_restarts_after_a_forced_cleanup():
 
 def test_threshold_on_cuda_numbers_uses_fragmentation():
     stats = FakeStats(cuda_allocated=900 * MiB, cuda_reserved=1000 * MiB, cuda_peak=950 * MiB)  # 0.10
-    gov = MemoryGovernor("threshold", fragmentation_threshold=0.25, stats=stats)
+    gov = governor("threshold", fragmentation_threshold=0.25, stats=stats)
     assert run(gov, 3) == [False] * 3
     stats.set(cuda_allocated=700 * MiB)  # fragmentation 0.30 > 0.25
     record = gov.after_request()
@@ -81,7 +90,7 @@ def test_threshold_on_cuda_numbers_uses_fragmentation():
 
 def test_threshold_on_cpu_uses_rss_growth_over_the_last_cleanup():
     stats = FakeStats(rss_bytes=1000 * MiB)
-    gov = MemoryGovernor("threshold", fragmentation_threshold=0.25, stats=stats)
+    gov = governor("threshold", fragmentation_threshold=0.25, stats=stats)
     assert run(gov, 1) == [False]  # first call sets the baseline (1000 MiB)
     stats.set(rss_bytes=1200 * MiB)  # +20%
     assert run(gov, 1) == [False]
@@ -94,20 +103,25 @@ def test_threshold_on_cpu_uses_rss_growth_over_the_last_cleanup():
     assert gov.cleanups == 2
 
 
-def test_unknown_policy_and_bad_values_are_rejected():
-    with pytest.raises(ValueError, match="sometimes"):
-        MemoryGovernor("sometimes")
-    with pytest.raises(ValueError, match="every_n"):
-        MemoryGovernor("every_n", every_n=0)
-    with pytest.raises(ValueError, match="threshold"):
-        MemoryGovernor("threshold", fragmentation_threshold=0)
+def test_bad_values_are_rejected_by_the_schema_not_the_governor():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="policy"):
+        governor("sometimes")
+    with pytest.raises(ValidationError, match="every_n"):
+        governor("every_n", every_n=0)
+    with pytest.raises(ValidationError, match="fragmentation_threshold"):
+        governor("threshold", fragmentation_threshold=0)
+    with pytest.raises(ValidationError, match="fragmentation_threshold"):
+        governor("threshold", fragmentation_threshold=float("nan"))
 
 
-def test_from_config_takes_any_object_with_the_profile_attributes():
-    class Cleanup:
-        policy, every_n, fragmentation_threshold, malloc_trim = "every_n", 2, 0.5, False
+def test_governor_takes_the_profile_cleanup_section_as_it_is():
+    from edge_runtime.policy.profiles import load_profile
 
-    gov = MemoryGovernor.from_config(Cleanup(), stats=FakeStats())
+    profile = load_profile("cpu", ["cleanup.policy=every_n", "cleanup.every_n=2", "cleanup.malloc_trim=false",
+                                   "cleanup.fragmentation_threshold=0.5"])
+    gov = MemoryGovernor(profile.cleanup, stats=FakeStats())
     assert (gov.policy, gov.every_n, gov.threshold, gov.malloc_trim) == ("every_n", 2, 0.5, False)
     assert run(gov, 4) == [False, True, False, True]
 
@@ -128,7 +142,7 @@ def test_cleanup_collects_reference_cycles_holding_tensors():
     try:
         del a, b
         assert ref() is not None
-        record = MemoryGovernor("per_request").after_request()
+        record = governor("per_request").after_request()
         assert record.cleaned and ref() is None
     finally:
         gc.enable()
@@ -138,26 +152,26 @@ def test_cleanup_collects_reference_cycles_holding_tensors():
 def test_malloc_trim_runs_on_linux_when_enabled():
     if memory._malloc_trim is None:
         pytest.skip("libc without malloc_trim (musl)")
-    assert MemoryGovernor("per_request", malloc_trim=True).after_request().trimmed
-    assert not MemoryGovernor("per_request", malloc_trim=False).after_request().trimmed
+    assert governor("per_request", malloc_trim=True).after_request().trimmed
+    assert not governor("per_request", malloc_trim=False).after_request().trimmed
 
 
 def test_malloc_trim_missing_is_skipped_silently(monkeypatch):
     monkeypatch.setattr(memory, "_malloc_trim", None)
-    record = MemoryGovernor("per_request", malloc_trim=True).after_request()
+    record = governor("per_request", malloc_trim=True).after_request()
     assert record.cleaned and not record.trimmed
 
 
 def test_malloc_trim_is_called_with_zero(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_malloc_trim", lambda pad: calls.append(pad) or 1)
-    gov = MemoryGovernor("every_n", every_n=2, malloc_trim=True, stats=FakeStats())
+    gov = governor("every_n", every_n=2, malloc_trim=True, stats=FakeStats())
     run(gov, 4)
     assert calls == [0, 0]
 
 
 def test_cleanup_record_and_counters():
-    gov = MemoryGovernor("off", stats=FakeStats())
+    gov = governor("off", stats=FakeStats())
     record = gov.cleanup("manual")
     assert record.cleaned and record.reason == "manual" and record.seconds >= 0
     assert gov.stats()["cleanups"] == 1 and gov.stats()["last_reason"] == "manual"
@@ -176,7 +190,7 @@ def test_freeze_baseline_round_trip():
 
 # -- snapshots --------------------------------------------------------------------------------
 def test_snapshot_on_cpu_has_rss_and_no_cuda_fields():
-    snap = MemoryGovernor("off", device="cpu").snapshot()
+    snap = governor("off", device="cpu").snapshot()
     assert snap.rss_bytes > 10 * MiB  # a Python process with torch loaded
     assert (snap.cuda_allocated, snap.cuda_reserved, snap.cuda_peak, snap.fragmentation) == (None,) * 4
     assert set(snap.as_dict()) == {"rss_bytes", "cuda_allocated", "cuda_reserved", "cuda_peak", "fragmentation"}
@@ -189,7 +203,7 @@ def test_snapshot_fragmentation_arithmetic():
 
 @pytest.mark.gpu
 def test_snapshot_on_cuda_reports_allocator_counters():
-    gov = MemoryGovernor("per_request", device="cuda:0")
+    gov = governor("per_request", device="cuda:0")
     x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda:0")
     snap = gov.snapshot()
     assert snap.cuda_allocated >= 64 * MiB and snap.cuda_reserved >= snap.cuda_allocated
@@ -262,7 +276,7 @@ def test_injector_only_for_batches_above_k_lets_split_and_retry_succeed():
     layer = torch.nn.Linear(4, 2)
     x = torch.randn(8, 4)
     expected = layer(x)
-    governor = MemoryGovernor("off", stats=FakeStats())
+    gov = governor("off", stats=FakeStats())
     attempts = []
 
     def forward_with_split(batch):
@@ -272,7 +286,7 @@ def test_injector_only_for_batches_above_k_lets_split_and_retry_succeed():
         except Exception as exc:
             if not is_oom_error(exc) or len(batch) == 1:
                 raise
-            governor.recover_from_oom()
+            gov.recover_from_oom()
             half = len(batch) // 2
             return torch.cat([forward_with_split(batch[:half]), forward_with_split(batch[half:])])
 
@@ -280,7 +294,7 @@ def test_injector_only_for_batches_above_k_lets_split_and_retry_succeed():
         out = forward_with_split(x)
     torch.testing.assert_close(out, expected)
     assert attempts == [8, 4, 2, 2, 4, 2, 2]
-    assert inj.raised == 3 and governor.oom_recoveries == 3
+    assert inj.raised == 3 and gov.oom_recoveries == 3
 
 
 def test_injector_reads_batch_from_keyword_arguments():

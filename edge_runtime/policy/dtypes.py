@@ -64,6 +64,14 @@ def choose_dtype(requested: str, device_type: str, compute_capability: Optional[
     return _cpu(name, cpu_bf16)
 
 
+def dtype_name(name: str) -> str:
+    """"bf16", "fp16" or "fp32" for any alias (bfloat16, half, float32, ...)."""
+    found = _ALIASES.get(str(name).strip().lower())
+    if found is None:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return found
+
+
 def resolve_dtype(requested: str, device_type: str, compute_capability: Optional[tuple[int, int]] = None,
                   cpu_bf16: bool = False) -> str:
     """Just the name: "bf16", "fp16" or "fp32". See `choose_dtype` for the reason."""
@@ -78,3 +86,32 @@ def torch_dtype(name: str) -> Any:
     if key is None:
         raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[key]
+
+
+def choose_device(profile: Any) -> tuple[str, DtypeChoice]:
+    """CUDA when the profile is a GPU tier and torch sees a GPU, else the CPU; and the dtype policy's
+    choice for that device (a DtypeChoice with the reason)."""
+    import torch
+
+    requested = profile.precision.dtype
+    if profile.memory.vram_gib and torch.cuda.is_available():
+        return "cuda", choose_dtype(requested, "cuda", torch.cuda.get_device_capability(0))
+    cpu_bf16 = False
+    if requested == "bf16":  # only then is the CPU's ISA worth probing
+        from edge_runtime.policy.hardware import probe
+
+        cpu_bf16 = probe().cpu.bf16_native
+    return "cpu", choose_dtype(requested, "cpu", cpu_bf16=cpu_bf16)
+
+
+def planning_dtype(profile: Any) -> tuple[Any, str]:
+    """The dtype a plan for the profile's tier assumes, whatever this machine has: fp32 for the cpu
+    tier, else the policy's choice on the GPU we have, or on an Ampere-class card (bf16) when
+    planning for a tier on a machine without one."""
+    import torch
+
+    if not profile.memory.vram_gib:
+        return torch.float32, "fp32 (cpu tier)"
+    cc = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (8, 0)
+    choice = choose_dtype(profile.precision.dtype, "cuda", cc)
+    return torch_dtype(choice.dtype), f"{choice.dtype} ({choice.reason}; compute capability {cc[0]}.{cc[1]})"

@@ -19,8 +19,9 @@ def key(allowed: str, default: Any = ..., **constraints: Any) -> Any:
 
 
 class Section(BaseModel):
-    # strict: YAML `"8"` or `true` is not silently an int; extra=forbid: typos are errors.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # strict: YAML `"8"` or `true` is not silently an int; extra=forbid: typos are errors;
+    # allow_inf_nan=False: YAML `.inf`/`.nan` are no sizes or durations (int(inf) fails downstream).
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -76,7 +77,8 @@ class Cleanup(Section):
 
     policy: Literal["per_request", "every_n", "threshold", "off"] = key("per_request, every_n, threshold or off")
     every_n: PositiveInt = key("an integer >= 1 (requests between cleanups)")
-    fragmentation_threshold: float = key("a number from 0 to 1: (reserved-allocated)/reserved", ge=0, le=1)
+    fragmentation_threshold: float = key(
+        "a number above 0, at most 1: (reserved-allocated)/reserved on CUDA, RSS growth on the CPU", gt=0, le=1)
     malloc_trim: bool = key("true or false")
 
     @field_validator("policy", mode="before")

@@ -60,10 +60,7 @@ class Runtime:
         self.device = device
         self.dtype = dtype  # the dtype policy's choice (DtypeChoice), for reports
         self.threads = configure_threads(profile.runtime.threads)
-        cleanup = profile.cleanup
-        self.governor = MemoryGovernor(cleanup.policy, every_n=cleanup.every_n,
-                                       fragmentation_threshold=cleanup.fragmentation_threshold,
-                                       malloc_trim=cleanup.malloc_trim, device=device)
+        self.governor = MemoryGovernor(profile.cleanup, device=device)  # values checked by the schema
         cache = profile.voice_cache
         self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
         self.telemetry = TelemetryLog(telemetry_path)
@@ -107,7 +104,7 @@ class Runtime:
         cache hit). The id is a content hash: the same clip again is a cache hit, never re-encoded."""
         if not self.model.supports_voice_prompt:
             raise InvalidInputError(f"{self.model.model_id} does not take voice prompts")
-        rate = getattr(self.model, "prompt_sample_rate", self.model.sample_rate)
+        rate = self.model.prompt_sample_rate or self.model.sample_rate
         clean = prepare_prompt(audio, rate, self.profile.limits.max_prompt_seconds, sample_rate=sample_rate)
         key = voice_key(clean, rate, self.model.model_id, transcript)
         with torch.inference_mode():
@@ -236,11 +233,11 @@ class Runtime:
                          **settings: Any) -> list[tuple[np.ndarray, int]]:
         """Several requests with the same settings, their sentences run `max_batch` at a time.
 
+        Memory cleanup follows forwards, not requests: the governor's per-forward step runs once
+        after each batch, so `per_request` cleans once per forward and `every_n` counts forwards.
         Out of memory in a batch: clean up, split it in halves and retry each half; a single sentence
         that still does not fit fails the whole call with RequestFailedError (the runtime lives on).
         """
-        if not hasattr(self.model, "synthesize_batch"):
-            return [self.synthesize(text, voice=voice, **settings) for text in texts]
         opts = self._settings(**settings)
         units = [self.model.split_text(self._check_text(text)) for text in texts]
         voice, status = self._resolve_voice(voice)
@@ -249,19 +246,27 @@ class Runtime:
         outputs: list[list[np.ndarray]] = [[] for _ in texts]
         start = time.perf_counter()
         error = None
+        snap, cleaned = None, False
         try:
             for first in range(0, len(flat), size):
                 group = flat[first:first + size]
-                for (i, _), audio in zip(group, self._forward_batch([u for _, u in group], opts, voice)):
-                    outputs[i].append(audio)
+                try:
+                    for (i, _), audio in zip(group, self._forward_batch([u for _, u in group], opts, voice)):
+                        outputs[i].append(audio)
+                finally:
+                    snap, cleanup = self._end_forward()
+                    cleaned = cleaned or cleanup.cleaned
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            if snap is None:  # nothing ran (no units): still one reading for the records
+                snap, cleanup = self._end_forward()
+                cleaned = cleanup.cleaned
             for chunks in outputs:
                 record = {"request_id": uuid.uuid4().hex[:12], "model": self.model.model_id,
                           "batch_size": min(size, len(flat)), "voice_cache": status}
-                self._finish(record, start, None, sum(len(c) for c in chunks), error)
+                self._record(record, start, None, sum(len(c) for c in chunks), error, snap, cleaned)
         return [(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), self.sample_rate)
                 for chunks in outputs]
 
@@ -292,18 +297,27 @@ class Runtime:
 
     def _finish(self, record: dict, start: float, first_audio: float | None, samples: int,
                 error: str | None) -> None:
+        """One request finished its own forwards: end them, then record it."""
+        snap, cleanup = self._end_forward()
+        self._record(record, start, first_audio, samples, error, snap, cleanup.cleaned)
+
+    def _end_forward(self):
+        """After a forward (one request, or one batch of several): blocks kept for repeated calls go
+        back, memory is read (before cleanup: cleanup resets the CUDA peak), the governor's policy runs."""
+        if self.placement_handle is not None:
+            self.placement_handle.end_request()
+        snap = self.governor.snapshot()
+        return snap, self.governor.after_request()
+
+    def _record(self, record: dict, start: float, first_audio: float | None, samples: int,
+                error: str | None, snap: Any, cleaned: bool) -> None:
         latency = time.perf_counter() - start
         audio_s = samples / self.sample_rate
-        placement = getattr(self.model, "placement", None)
-        if placement is not None:  # streamed blocks kept for repeated calls go back between requests
-            placement.end_request()
-        snap = self.governor.snapshot()  # before cleanup: cleanup resets the CUDA peak
-        cleanup = self.governor.after_request()
         self.telemetry.record(RequestTelemetry(
             **record, latency_s=latency, audio_seconds=audio_s,
             rtf=latency / audio_s if audio_s else None, time_to_first_audio_s=first_audio,
             rss_bytes=snap.rss_bytes, cuda_allocated=snap.cuda_allocated, cuda_reserved=snap.cuda_reserved,
-            cuda_peak=snap.cuda_peak, cleaned=cleanup.cleaned, error=error))
+            cuda_peak=snap.cuda_peak, cleaned=cleaned, error=error))
 
     def _grad_context(self):
         return torch.inference_mode() if self.inference_mode else torch.enable_grad()
@@ -316,68 +330,15 @@ class Runtime:
     def placement(self) -> dict[str, Any]:
         """How the model's weights are placed: backend, plan summary and transfer counters
         (``bytes_moved`` counts since load: subtract two readings for one request)."""
-        loaded = getattr(self.model, "placement", None)
-        if loaded is None:
+        if self.placement_handle is None:
             return {"backend": "resident", "device": self.device}
-        plan = loaded.plan
-        return {**loaded.describe(), "resident_bytes": plan.resident_bytes,
-                "streamed_bytes": plan.streamed_bytes, "target": plan.target,
-                "predicted_peak_vram_bytes": plan.peak_vram_bytes}
+        return self.placement_handle.describe()
 
     def close(self) -> None:
-        if hasattr(self.model, "close"):
-            self.model.close()
+        self.model.close()
+        if self.placement_handle is not None:
+            self.placement_handle.close()
         self.voice_cache.clear()
         MemoryGovernor.release_baseline()
         self.telemetry.close()
 
-
-def choose_device(profile: Any) -> tuple[str, Any]:
-    """CUDA when the profile is a GPU tier and torch sees a GPU, else the CPU; and the dtype policy's
-    choice for that device (a DtypeChoice with the reason)."""
-    from edge_runtime.policy.dtypes import choose_dtype
-
-    requested = profile.precision.dtype
-    if profile.memory.vram_gib and torch.cuda.is_available():
-        return "cuda", choose_dtype(requested, "cuda", torch.cuda.get_device_capability(0))
-    cpu_bf16 = False
-    if requested == "bf16":  # only then is the CPU's ISA worth probing
-        from edge_runtime.policy.hardware import probe
-
-        cpu_bf16 = probe().cpu.bf16_native
-    return "cpu", choose_dtype(requested, "cpu", cpu_bf16=cpu_bf16)
-
-
-def load(model: str | None = None, *, profile: str | None = None, overrides: tuple[str, ...] = (),
-         telemetry: str | None = None, allow_download: bool = False) -> Runtime:
-    """Resolve the profile, load `model` (default: the embedded Piper voice) and return a Runtime."""
-    from edge_runtime.policy.dtypes import torch_dtype
-    from edge_runtime.models import registry
-    from edge_runtime.policy.profiles import load_profile
-
-    resolved = load_profile(profile, overrides)
-    configure_threads(resolved.runtime.threads)  # before loading: weight prepacking uses them
-    if resolved.runtime.reuse_heap:
-        from edge_runtime.runtime.memory import reuse_heap
-
-        reuse_heap()  # process-wide and one-way: glibc keeps it for the life of the process
-    device, dtype = choose_device(resolved)
-    spec = registry.resolve(model, allow_download=allow_download)
-    plan, backend = None, "resident"
-    # A GPU tier places blocks as the planner says; transformers models always load from a plan
-    # (on the cpu tier a CPU-only one), the embedded voice on the CPU loads directly (fast start).
-    if resolved.memory.vram_gib or spec.kind != "piper":
-        from edge_runtime.runtime.planning import backend_for, plan_model
-
-        plan = plan_model(spec, resolved, torch_dtype(dtype.dtype))
-        backend = backend_for(resolved, plan)
-        name = model or registry.DEFAULT_MODEL
-        if plan.cpu_only:  # nothing to offload from: every block computes in RAM
-            log.info("plan for %s: backend %s, all %d block(s) on the CPU", name, backend, len(plan.blocks))
-        else:
-            log.info("plan for %s: backend %s, %d block(s) offloaded to %s", name, backend,
-                     sum(b.placement != "gpu" for b in plan.blocks), plan.target)
-    adapter = registry.load(spec, device=device, dtype=torch_dtype(dtype.dtype),
-                            fp32_components=tuple(resolved.precision.fp32_components),
-                            plan=plan, backend=backend, offload_dir=resolved.offload.offload_dir)
-    return Runtime(adapter, resolved, telemetry_path=telemetry, device=device, dtype=dtype)

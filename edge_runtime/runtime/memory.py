@@ -20,14 +20,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from edge_runtime.policy.schema import Cleanup
 
-POLICIES = ("per_request", "every_n", "threshold", "off")
+log = logging.getLogger(__name__)
 
 # Substrings of RuntimeError messages that mean "an allocator ran out" (CUDA, ROCm, MPS, CPU; the
 # cuBLAS / cuDNN ones are allocation failures inside those libraries).
@@ -142,23 +143,17 @@ class MemoryGovernor:
     legitimately larger working set (warm caches) from triggering a cleanup on every request.
     Any cleanup, forced ones included, restarts the every-N count.
 
+    `cleanup` is the profile's typed `cleanup` section (`policy.schema.Cleanup`): its values were
+    checked there, the one place profile values are validated, so they are taken as they are.
     `stats` replaces the snapshot source (tests inject fragmentation numbers with it).
     """
 
-    def __init__(self, policy: str = "per_request", every_n: int = 8, fragmentation_threshold: float = 0.25,
-                 malloc_trim: bool = True, device: str | torch.device = "cpu", *,
+    def __init__(self, cleanup: Cleanup, device: str | torch.device = "cpu", *,
                  stats: Callable[[], MemorySnapshot] | None = None, gc_generation: int = 2) -> None:
-        policy = str(getattr(policy, "value", policy)).lower()  # plain str or a str-valued Enum
-        if policy not in POLICIES:
-            raise ValueError(f"cleanup policy {policy!r} is unknown; allowed: {', '.join(POLICIES)}")
-        if policy == "every_n" and int(every_n) < 1:
-            raise ValueError(f"cleanup every_n must be >= 1, got {every_n!r}")
-        if not fragmentation_threshold > 0:
-            raise ValueError(f"cleanup fragmentation_threshold must be > 0, got {fragmentation_threshold!r}")
-        self.policy = policy
-        self.every_n = int(every_n)
-        self.threshold = float(fragmentation_threshold)
-        self.malloc_trim = bool(malloc_trim)
+        self.policy = cleanup.policy
+        self.every_n = cleanup.every_n
+        self.threshold = cleanup.fragmentation_threshold
+        self.malloc_trim = cleanup.malloc_trim
         self.gc_generation = int(gc_generation)
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
@@ -174,13 +169,6 @@ class MemoryGovernor:
         self.oom_recoveries = 0
         self.cleanup_seconds = 0.0
         self.last_reason: str | None = None
-
-    @classmethod
-    def from_config(cls, cleanup: Any, device: str | torch.device = "cpu", **kwargs: Any) -> MemoryGovernor:
-        """Build from any object with the profile's `cleanup` attributes."""
-        return cls(cleanup.policy, every_n=cleanup.every_n,
-                   fragmentation_threshold=cleanup.fragmentation_threshold,
-                   malloc_trim=cleanup.malloc_trim, device=device, **kwargs)
 
     # -- measuring ----------------------------------------------------------------------------
     def _measure(self) -> MemorySnapshot:

@@ -84,7 +84,7 @@ def make_prompts(runtime, count: int) -> list[tuple[np.ndarray, int]]:
 def build_runtime(config: str, model: str | None, profile: str | None, overrides: tuple[str, ...],
                   batch: int):
     """A Runtime with only `config`'s techniques switched on."""
-    from edge_runtime.runtime.engine import load
+    from edge_runtime.runtime.loader import load
 
     precision, cleanup, bounded, batching = CONFIGS[config]
     extra = []

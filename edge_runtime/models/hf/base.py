@@ -1,16 +1,18 @@
-"""The shared base of transformers speech models (CSM, Dia, Pocket TTS, ...): find the files, plan,
-load through a backend, keep fragile parts fp32, split text, count expensive calls. A family's
-adapter (csm.py, dia.py, pocket_tts.py) adds only what differs: its voice-prompt encoding and its
-generate() call.
+"""The shared base of transformers speech families (CSM, Dia, Pocket TTS, ...): recognise a folder by
+its config.json, describe the layout from configs, load every sub-model through the runtime's placer,
+keep fragile parts fp32, split text, count expensive calls. A family's file adds only what differs:
+its layout's annotations, the codec a processor holds (a sub-model of its own), its voice-prompt
+encoding and its generate() call.
 
-Loading never goes through from_pretrained's weight loading: the skeleton is built from the config
-and every tensor comes from model.safetensors through the backend the plan picked (resident,
-accelerate, streamer, deepspeed), so offloaded blocks never pass through RAM as a whole model.
+Loading never goes through from_pretrained's weight loading: skeletons are built from configs and
+every tensor comes from the checkpoints through the backend the plan picked (resident, accelerate,
+streamer, deepspeed), so offloaded blocks never pass through RAM as a whole model.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -21,16 +23,9 @@ import numpy as np
 import torch
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
-from edge_runtime.models.base import SpeechModel, SynthesisSettings
+from edge_runtime.models.base import ModelSource, Placer, SpeechModel, SubModel, SynthesisSettings
 
 log = logging.getLogger(__name__)
-
-# architecture (config.architectures[0]) -> "module:Class" of its adapter, imported on demand
-ADAPTERS = {
-    "CsmForConditionalGeneration": "csm:CsmSpeechModel",
-    "DiaForConditionalGeneration": "dia:DiaSpeechModel",
-    "PocketTTSForConditionalGeneration": "pocket_tts:PocketTTSSpeechModel",
-}
 
 
 def read_config(folder: Path):
@@ -42,40 +37,64 @@ def read_config(folder: Path):
         raise ModelNotFoundError(f"cannot read {folder / 'config.json'}: {exc}") from None
 
 
-def adapter_class(config) -> type[HFSpeechModel]:
-    """The adapter for this config's architecture; a clear error for any other."""
-    import importlib
+def architecture(folder: Path) -> str | None:
+    """config.json's architectures[0], read as JSON (no transformers import, no validation)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return names[0] if isinstance(names, list) and names else None
 
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    target = ADAPTERS.get(arch or "")
-    if target is None:
-        raise InvalidInputError(f"unsupported architecture {arch!r} (model_type {config.model_type!r}); "
-                                f"edge_runtime runs {', '.join(sorted(ADAPTERS))}")
-    module, name = target.split(":")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+def codec_folder(source: ModelSource, subfolder: str) -> Path:
+    """The folder of the codec a processor holds: where processor_config.json points (a path
+    relative to the model folder, an absolute path, or a hub id, resolved like the model itself:
+    config files only when planning), else our ``subfolder`` beside the model's files."""
+    from edge_runtime.models.source import locate, looks_like_hub_id
+
+    folder = source.path
+    try:
+        settings = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
+        name = str((settings.get("audio_tokenizer") or {}).get("audio_tokenizer_name_or_path") or "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    candidates = [Path(name).expanduser() if Path(name).is_absolute() else folder / name] if name else []
+    candidates.append(folder / subfolder)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file() and candidate.resolve() != folder.resolve():
+            return candidate
+    if name and looks_like_hub_id(name):
+        return locate(name, source.allow_download, weights=source.weights)[0]
+    raise ModelNotFoundError(f"the codec of {source.model_id} was not found: {folder / 'processor_config.json'} "
+                             f"names {name or 'none'!r} and {folder / subfolder} does not exist; put the codec's "
+                             "save_pretrained files (config.json, model.safetensors) there")
 
 
 class HFSpeechModel(SpeechModel):
     """A transformers text-to-speech model placed by a backend. Subclasses set the class attributes
-    and implement prepare_voice / synthesize_unit."""
+    and implement prepare_voice / synthesize_unit; those whose processor holds a codec add it in
+    codec_part()."""
 
-    model_class: ClassVar[str]  # transformers class name
+    model_class: ClassVar[str]  # transformers class name (config.json's architectures[0])
     always_fp32: ClassVar[tuple[str, ...]] = ()  # module prefixes that fail in half precision
     supports_voice_prompt = True
-    prompt_sample_rate: int
 
     def __init__(self, model: Any, processor: Any, config: Any, model_id: str, device: torch.device,
-                 dtype: torch.dtype, placement: Any = None) -> None:
+                 dtype: torch.dtype) -> None:
         self.model = model
         self.processor = processor
         self.config = config
         self.model_id = model_id
         self.device = torch.device(device)
         self.dtype = dtype
-        self.placement = placement
         self.calls: collections.Counter[str] = collections.Counter()  # e.g. prompt encodings
 
-    # -- loading ---------------------------------------------------------------------------
+    # -- the family ----------------------------------------------------------------------------
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return architecture(folder) == cls.model_class
+
     @classmethod
     def transformers_class(cls):
         import transformers
@@ -87,14 +106,38 @@ class HFSpeechModel(SpeechModel):
         return tuple(dict.fromkeys((*cls.always_fp32, *fp32_components)))
 
     @classmethod
-    def layout(cls, config, dtype: torch.dtype, fp32_components=()):
-        """Components and block sizes on the meta device (the planner's input)."""
+    def model_layout(cls, config, dtype: torch.dtype, fp32_components=()):
+        """The main model's layout from its config (the generic split unless a family refines it)."""
         from edge_runtime.policy.planner import layout_from_config
 
         return layout_from_config(config, cls.transformers_class(), dtype, cls.fp32_modules(fp32_components))
 
     @classmethod
-    def load_processor(cls, folder: Path):
+    def codec_part(cls, source: ModelSource, config) -> tuple[SubModel, Any] | None:
+        """The codec the processor holds, as a sub-model with its own checkpoint, and its layout
+        builder (dtype -> ModelLayout); None when the model holds its codec itself."""
+        return None
+
+    @classmethod
+    def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
+        config = read_config(source.path)
+        layout = cls.model_layout(config, dtype, fp32_components)
+        codec = cls.codec_part(source, config)
+        if codec is not None:
+            part, describe = codec
+            layout = layout.with_submodel(part.name, describe(dtype))
+        return layout
+
+    @classmethod
+    def main_part(cls, source: ModelSource, config, fp32_components=()) -> SubModel:
+        model_class = cls.transformers_class()
+        return SubModel(name="", build=lambda: model_class._from_config(config), checkpoint=source.path,
+                        fp32_modules=cls.fp32_modules(fp32_components),
+                        no_split_modules=tuple(getattr(model_class, "_no_split_modules", None) or ()))
+
+    @classmethod
+    def load_processor(cls, folder: Path, codec: Any = None):
+        """The processor; ``codec`` is the placed codec sub-model for families that have one."""
         from transformers import AutoProcessor
 
         try:
@@ -104,39 +147,20 @@ class HFSpeechModel(SpeechModel):
                                      f"{folder}: {exc}") from None
 
     @classmethod
-    def load(cls, folder: Path, *, model_id: str, plan: Any, backend: str = "resident",
-             device: str = "cpu", dtype: torch.dtype | None = None, fp32_components=(),
-             offload_dir: str | None = None) -> HFSpeechModel:
-        from edge_runtime.runtime.backends import LoadRequest, load_model
-
+    def load(cls, source: ModelSource, placer: Placer) -> HFSpeechModel:
+        folder = source.path
         config = read_config(folder)
-        processor = cls.load_processor(folder)
-        model_class = cls.transformers_class()
-        dtype = dtype or torch.float32
-
-        def build():
-            return model_class._from_config(config)
-
-        request = LoadRequest(build=build, checkpoint=folder / "model.safetensors", plan=plan,
-                              device=torch.device(device), dtype=dtype,
-                              fp32_modules=cls.fp32_modules(fp32_components),
-                              offload_dir=Path(offload_dir).expanduser() if offload_dir else None,
-                              no_split_modules=tuple(getattr(model_class, "_no_split_modules", None) or ()))
-        loaded = load_model(request, backend)
-        model = loaded.model.eval()
+        codec_spec = cls.codec_part(source, config)
+        codec = placer.place(codec_spec[0]) if codec_spec is not None else None
+        processor = cls.load_processor(folder, codec)
+        model = placer.place(cls.main_part(source, config, placer.fp32_components))
         if (folder / "generation_config.json").is_file():
             # the skeleton came from config.json only: sampling settings, stop thresholds and
             # special tokens live in generation_config.json and would be silently lost
             from transformers import GenerationConfig
 
             model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return cls(model, processor, config, model_id, torch.device(device), dtype, placement=loaded)
-
-    def close(self) -> None:
-        if self.placement is not None:
-            self.placement.close()
+        return cls(model, processor, config, source.model_id, placer.device, placer.dtype)
 
     # -- text --------------------------------------------------------------------------------
     def split_text(self, text: str) -> list[str]:

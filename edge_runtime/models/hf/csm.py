@@ -29,8 +29,9 @@ import torch
 
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.prepared_voice import PreparedVoice
-from edge_runtime.models.base import SynthesisSettings
+from edge_runtime.models.base import ModelSource, Placer, SynthesisSettings
 from edge_runtime.models.hf.base import HFSpeechModel
+from edge_runtime.models.registry import register
 
 # Frame cap per sentence: the planner's speech rate (14 chars/s) with 1.5x head room for slow
 # speakers, plus a second for short sentences; a trained model stops earlier at its EOS frame.
@@ -84,8 +85,7 @@ def flat_codec_layout(codec) -> None:
 
 @functools.cache
 def checkpoint_layout_class():
-    """CsmForConditionalGeneration as our backends load it (see the module docstring); same class
-    name, so the planner picks its CSM layout builder."""
+    """CsmForConditionalGeneration as our backends load it (see the module docstring)."""
     import transformers
 
     class CsmForConditionalGeneration(transformers.CsmForConditionalGeneration):
@@ -101,7 +101,9 @@ def checkpoint_layout_class():
     return CsmForConditionalGeneration
 
 
+@register
 class CsmSpeechModel(HFSpeechModel):
+    family = "csm"
     model_class = "CsmForConditionalGeneration"
     always_fp32 = ("codec_model",)
     sample_rate = 24000
@@ -122,31 +124,58 @@ class CsmSpeechModel(HFSpeechModel):
         return checkpoint_layout_class()
 
     @classmethod
-    def layout(cls, config, dtype: torch.dtype, fp32_components=()):
-        """The planner's CSM layout with the codec as its parts instead of one block: a codec that
-        is one non-AR block never streams (it needs as much VRAM in flight as resident); its parts
-        can, leaving the VRAM to AR blocks. Parts never nest (a streamed block running inside
-        another would evict it): the SEANet stacks go layer by layer, since their wrappers
-        (codec_model.encoder / .decoder) also run the transformers and the resampling convs."""
-        from edge_runtime.policy.planner import build_on_meta, describe_model
+    def model_layout(cls, config, dtype: torch.dtype, fp32_components=()):
+        """Llama backbone (one step per audio frame), a depth decoder that restarts for every frame
+        and emits the remaining codebooks one by one, and the Mimi codec (non-AR, fp32: it fails in
+        bf16/fp16). The codec is listed as its parts, not one block: a codec that is one non-AR
+        block never streams (it needs as much VRAM in flight as resident); its parts can, leaving
+        the VRAM to AR blocks. Parts never nest (a streamed block running inside another would
+        evict it): the SEANet stacks go layer by layer, since their wrappers (codec_model.encoder /
+        .decoder) also run the transformers and the resampling convs."""
+        from edge_runtime.policy.planner import (CODEC_ACTIVATION_COPIES, SPEECH_CHARS_PER_S,
+                                                 TEXT_TOKENS_PER_CHAR, build_on_meta, describe_model)
 
-        layout = super().layout(config, dtype, fp32_components)
-        codec = build_on_meta(config, cls.transformers_class()).codec_model
+        model = build_on_meta(config, cls.transformers_class())
+        bb, dd = model.backbone_model, model.depth_decoder
+        components = {
+            "embeddings": [model.embed_text_tokens, bb.embed_tokens],
+            "backbone": [*bb.layers, bb.norm, model.lm_head],
+            "depth_decoder": [dd.model.embed_tokens, dd.model.inputs_embeds_projector,
+                              *dd.model.layers, dd.model.norm, dd.codebooks_head],
+            "codec": model.codec_model,
+        }
+        fp32 = {"codec", *cls.fp32_modules(fp32_components)}
+        layout = describe_model(model, components, {"embeddings", "backbone", "depth_decoder"}, dtype, fp32)
+        codec_config = config.codec_config
+        frame_rate = float(codec_config.frame_rate)
+        samples_per_frame = int(codec_config.sampling_rate / frame_rate)
+        n_codebooks = int(config.num_codebooks)
+        layout = layout.replace_component("depth_decoder", token_cap=n_codebooks,
+                                          passes_per_token=max(1, n_codebooks - 1))
+        whole = dataclasses.replace(layout.component("codec"), activation_width=(
+            CODEC_ACTIVATION_COPIES * samples_per_frame * int(codec_config.num_filters)))
+        layout = layout.with_hints(
+            tokens_per_char=frame_rate / SPEECH_CHARS_PER_S + TEXT_TOKENS_PER_CHAR,
+            prompt_tokens_per_s=frame_rate + SPEECH_CHARS_PER_S * TEXT_TOKENS_PER_CHAR,
+            max_positions=int(config.max_position_embeddings),
+            notes=("tokens are audio frames plus text tokens of the backbone; the depth decoder runs "
+                   f"{n_codebooks - 1} passes per frame",))
+        codec = model.codec_model
         if "encoder_transformer" not in codec._modules:  # not the flat layout: keep one block
-            return layout
+            return layout.replace_component("codec", activation_width=whole.activation_width)
         middle = ("encoder_transformer", "downsample", "quantizer", "upsample", "decoder_transformer")
         parts = [*codec.encoder.layers, *(codec._modules[n] for n in middle), *codec.decoder.layers]
         parts = [p for p in parts if any(True for _ in p.parameters())]  # activations hold no weights
-        whole = layout.component("codec")
         split = describe_model(codec, {"codec": parts}, (), dtype, ("codec",)).component("codec")
         split = dataclasses.replace(split, activation_width=whole.activation_width, blocks=tuple(
             dataclasses.replace(b, name=f"codec_model.{b.name}") for b in split.blocks))
-        comps = tuple(split if c is whole else c for c in layout.components)
+        comps = tuple(split if c.name == "codec" else c for c in layout.components)
         return dataclasses.replace(layout, components=comps)
 
     @classmethod
-    def load(cls, folder: Path, **kwargs) -> CsmSpeechModel:
-        adapter = super().load(folder, **kwargs)
+    def load(cls, source: ModelSource, placer: Placer) -> CsmSpeechModel:
+        adapter = super().load(source, placer)
+        folder = source.path
         # the published sampling settings, the depth decoder's as depth_decoder_* keys, which
         # GenerationConfig.from_pretrained (base.load) drops: read the file itself
         path = Path(folder) / "generation_config.json"
@@ -213,7 +242,7 @@ class CsmSpeechModel(HFSpeechModel):
     def max_new_tokens(self, unit: str, prompt_tokens: int) -> int:
         """Frames for one sentence: what its text should need, with head room, within the
         backbone's positions left after the prompt."""
-        from edge_runtime.policy.planner.configs import SPEECH_CHARS_PER_S
+        from edge_runtime.policy.planner import SPEECH_CHARS_PER_S
 
         frames = math.ceil(self.frame_rate * (len(unit) / SPEECH_CHARS_PER_S * LENGTH_MARGIN + EXTRA_SECONDS))
         room = int(self.config.max_position_embeddings) - prompt_tokens

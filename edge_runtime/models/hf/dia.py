@@ -2,8 +2,8 @@
 decoder emitting one 9-channel DAC frame per step, with channel c delayed by delay_pattern[c] frames.
 
 The DAC codec is not part of the transformers model: DiaProcessor holds it as its `audio_tokenizer`
-(a DacModel). It is therefore outside the planner's layout and is kept resident on the execution
-device in fp32 (codecs are fragile in half precision; it is small next to the decoder).
+(a DacModel with its own checkpoint). It is a sub-model of the family ("codec"), planned in the same
+budget as the model and placed by the same backend, in fp32 (codecs are fragile in half precision).
 
 Voice cloning is Dia's own convention: the reference clip is DAC-encoded once (prepare_voice) into
 delayed `decoder_input_ids`; each sentence is then generated from the text
@@ -13,12 +13,13 @@ frames are cut off the output before decoding.
 Folder layout: what save_pretrained writes (config.json, generation_config.json, model.safetensors,
 tokenizer_config.json, processor_config.json) plus, optionally, the codec in a `dac/` subfolder
 (DacModel.save_pretrained). A hub download has no `dac/`: its processor_config.json names the codec
-by hub id (descript/dac_44khz), which AutoProcessor resolves in the local Hugging Face cache.
+by hub id (descript/dac_44khz), resolved in the local Hugging Face cache like the model itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -29,30 +30,34 @@ import torch
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.prepared_voice import PreparedVoice
-from edge_runtime.models.base import SynthesisSettings
-from edge_runtime.models.hf.base import HFSpeechModel
+from edge_runtime.models.base import ModelSource, SubModel, SynthesisSettings
+from edge_runtime.models.hf.base import HFSpeechModel, codec_folder
+from edge_runtime.models.registry import register
 
 log = logging.getLogger(__name__)
 
+# Dia's audio codec is DAC at 44.1 kHz with a hop of 512 samples -> ~86 frames per second.
+DIA_FRAMES_PER_S = 44100 / 512
+CODEC_SUBFOLDER = "dac"  # where our folders keep the codec (DacModel.save_pretrained)
 # Cap on generated frames per character of text: the planner's speech rate (~6 frames per char at
 # 86 frames/s and 14 chars/s) with 1.5x head room for slow speakers; the real model stops at its EOS.
 LENGTH_MARGIN = 1.5
 
 
+@register
 class DiaSpeechModel(HFSpeechModel):
+    family = "dia"
     model_class = "DiaForConditionalGeneration"
-    # Nothing inside DiaForConditionalGeneration is fragile in bf16; its codec lives in the processor
-    # and is kept fp32 by __init__ instead.
+    # Nothing inside DiaForConditionalGeneration is fragile in bf16; its codec is a sub-model of
+    # its own, placed in fp32 (codecs are fragile in half precision).
     always_fp32 = ()
     sample_rate = 44100
     prompt_sample_rate = 44100
+    supports_batch = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         codec = self.codec
-        codec.to(device=self.device, dtype=torch.float32).eval()
-        for param in codec.parameters():
-            param.requires_grad_(False)
         # Output and prompt both at the codec's rate (44.1 kHz for Dia). The feature extractor only
         # pads, but rejects audio whose rate differs from its own (FACTS: it defaults to 16 kHz).
         self.sample_rate = self.prompt_sample_rate = int(codec.config.sampling_rate)
@@ -68,23 +73,54 @@ class DiaSpeechModel(HFSpeechModel):
     def codec(self):
         return self.processor.audio_tokenizer
 
-    # -- loading ---------------------------------------------------------------------------
+    # -- the family ----------------------------------------------------------------------------
     @classmethod
-    def load_processor(cls, folder: Path):
-        """DiaProcessor from its parts when the codec is saved in `dac/` (AutoProcessor would look
-        the codec up by the hub id in processor_config.json); the hub layout otherwise."""
-        folder = Path(folder)
-        if not (folder / "dac" / "config.json").is_file():
-            return super().load_processor(folder)
-        from transformers import DacModel, DiaFeatureExtractor, DiaProcessor, DiaTokenizer
+    def model_layout(cls, config, dtype: torch.dtype, fp32_components=()):
+        """A text encoder run once per request (non-AR) and a decoder emitting one multi-channel
+        DAC frame per step (AR)."""
+        from edge_runtime.policy.planner import SPEECH_CHARS_PER_S, build_on_meta, describe_model
+
+        model = build_on_meta(config, cls.transformers_class())
+        enc, dec = model.model.encoder, model.model.decoder
+        components = {
+            # named as the profiles name it (keep_resident: [text_encoder, ..., decoder])
+            "text_encoder": [enc.embedding, *enc.layers, enc.norm],
+            "decoder": [dec.embeddings, *dec.layers, dec.norm, model.logits_dense],
+        }
+        layout = describe_model(model, components, {"decoder"}, dtype, cls.fp32_modules(fp32_components))
+        text_cap = int(config.encoder_config.max_position_embeddings)  # byte-level text tokens
+        layout = layout.replace_component("text_encoder", token_cap=text_cap)
+        layout = layout.replace_component("decoder", cross_token_cap=text_cap)
+        return layout.with_hints(tokens_per_char=DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S,
+                                 prompt_tokens_per_s=DIA_FRAMES_PER_S,
+                                 max_positions=int(config.decoder_config.max_position_embeddings))
+
+    @classmethod
+    def codec_part(cls, source: ModelSource, config):
+        """The DAC codec DiaProcessor holds: from `dac/` beside the model's files, or the hub id
+        processor_config.json names (descript/dac_44khz for the published model)."""
+        from transformers import DacConfig, DacModel
+
+        folder = codec_folder(source, CODEC_SUBFOLDER)
+        try:
+            dac_config = DacConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a missing or foreign codec config
+            raise ModelNotFoundError(f"cannot read Dia's DAC codec config in {folder}: {exc}") from None
+        part = SubModel(name="codec", build=lambda: DacModel(dac_config), checkpoint=folder, dtype=torch.float32)
+        return part, functools.partial(dac_layout, dac_config)
+
+    @classmethod
+    def load_processor(cls, folder: Path, codec=None):
+        """DiaProcessor from its parts, with the DAC the backend placed (AutoProcessor would load
+        the codec again, outside the plan)."""
+        from transformers import DiaFeatureExtractor, DiaProcessor, DiaTokenizer
 
         try:
             features = DiaFeatureExtractor.from_pretrained(folder, local_files_only=True)
             tokenizer = DiaTokenizer.from_pretrained(folder, local_files_only=True)
-            codec = DacModel.from_pretrained(folder / "dac", local_files_only=True, dtype=torch.float32)
-        except Exception as exc:  # noqa: BLE001 - missing or broken processor / codec files
-            raise ModelNotFoundError(f"cannot load Dia's processor (tokenizer, feature extractor, DAC codec "
-                                     f"in {folder / 'dac'}) from {folder}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - missing or broken processor files
+            raise ModelNotFoundError(f"cannot load Dia's processor (tokenizer, feature extractor) from "
+                                     f"{folder}: {exc}") from None
         return DiaProcessor(feature_extractor=features, tokenizer=tokenizer, audio_tokenizer=codec)
 
     def components(self) -> dict:
@@ -120,7 +156,7 @@ class DiaSpeechModel(HFSpeechModel):
     def max_new_tokens(self, unit: str, prefix_frames: int) -> int:
         """Decoder steps for one sentence: frames its text should need, plus the delay tail, within
         the decoder's positions after the prompt prefix."""
-        from edge_runtime.policy.planner.configs import DIA_FRAMES_PER_S, SPEECH_CHARS_PER_S
+        from edge_runtime.policy.planner import SPEECH_CHARS_PER_S
 
         frames = math.ceil(len(unit) * DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S * LENGTH_MARGIN)
         tail = max(self.delays) + 1  # the last frame is complete once every delayed channel has it
@@ -245,3 +281,18 @@ class DiaSpeechModel(HFSpeechModel):
         codes = codes[:, start:end].transpose(1, 2).long().to(self.device)  # (1, channels, frames)
         audio = self.codec.decode(audio_codes=codes).audio_values
         return audio.reshape(-1).float().clamp(-1.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+
+
+def dac_layout(config, dtype: torch.dtype):
+    """The DAC codec: one non-AR block kept fp32; activations scale with samples per frame, for
+    one row at a time (decode() runs a batch's rows one by one) and for the generated frames only
+    (the prompt's frames are cut before decoding): the sentence's frames at the planner's speech rate."""
+    from edge_runtime.policy.planner import CODEC_ACTIVATION_COPIES, SPEECH_CHARS_PER_S, build_on_meta, describe_model
+    from transformers import DacModel
+
+    model = build_on_meta(config, DacModel)
+    layout = describe_model(model, {"codec": model}, set(), dtype, ("codec",))
+    last_channels = int(config.decoder_hidden_size) // 2 ** len(config.upsampling_ratios)
+    width = CODEC_ACTIVATION_COPIES * int(config.hop_length) * max(1, last_channels)
+    return layout.replace_component("codec", activation_width=width, batch_cap=1,
+                                    tokens_per_char=DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S)

@@ -4,8 +4,8 @@ continuous latent per audio frame.
 
 Its audio tokenizer (the codec that encodes the prompt into latents and decodes generated latents
 into 24 kHz audio) is not a submodule of the model: it is a separate PocketTTSAudioTokenizerModel
-the processor holds, with its own weights. So it is not in model.safetensors nor in the plan; it
-stays resident on the execution device in fp32 (small: ~20M parameters at the released size).
+the processor holds, with its own weights: a sub-model of the family ("audio_tokenizer"), planned in
+the same budget and placed by the same backend, in fp32 (~20M parameters at the released size).
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import torch
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.prepared_voice import PreparedVoice
-from edge_runtime.models.base import SynthesisSettings
-from edge_runtime.models.hf.base import HFSpeechModel
-from edge_runtime.models.hf.source import locate, looks_like_hub_id
+from edge_runtime.models.base import ModelSource, SubModel, SynthesisSettings
+from edge_runtime.models.hf.base import HFSpeechModel, codec_folder
+from edge_runtime.models.registry import register
 
+# The flow head integrates each frame's latent in num_flow_steps Euler steps; the released
+# checkpoints' generation config uses 1 (transformers' default too).
+FLOW_STEPS = 1
 CODEC_SUBFOLDER = "audio_tokenizer"  # where our folders keep the codec: next to the model's files
 _PROCESSOR_OPTIONS = ("short_text_max_words", "frames_after_eos_short_text", "frames_after_eos", "fade_in_duration")
 
@@ -49,7 +52,9 @@ def _inference_class():
     return PocketTTSForInference
 
 
+@register
 class PocketTTSSpeechModel(HFSpeechModel):
+    family = "pocket_tts"
     model_class = "PocketTTSForConditionalGeneration"
     # transformers keeps these fp32 under bf16/fp16 (_keep_in_fp32_modules_strict): the latent
     # statistics and the flow-time frequencies. The codec is fp32 too, outside the model (see top).
@@ -60,9 +65,7 @@ class PocketTTSSpeechModel(HFSpeechModel):
 
     def __init__(self, model: Any, processor: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, processor, config, *args, **kwargs)
-        self.codec = processor.audio_tokenizer.to(self.device, torch.float32).eval()
-        for param in self.codec.parameters():
-            param.requires_grad_(False)
+        self.codec = processor.audio_tokenizer  # placed by the backend in fp32 (codec_part)
         self.sample_rate = int(self.codec.config.sampling_rate)
         self.prompt_sample_rate = int(processor.feature_extractor.sampling_rate)
         tokenizer = processor.tokenizer
@@ -76,24 +79,54 @@ class PocketTTSSpeechModel(HFSpeechModel):
         return _inference_class()
 
     @classmethod
-    def layout(cls, config, dtype: torch.dtype, fp32_components=()):
-        from edge_runtime.policy.planner import layout_from_config
+    def model_layout(cls, config, dtype: torch.dtype, fp32_components=()):
+        """One causal transformer over voice-prompt latents, text tokens and generated latents (one
+        step per audio frame), whose last hidden state conditions a flow head that turns noise into
+        the frame's latent (also once per frame: AR, one position per call)."""
+        from edge_runtime.policy.planner import SPEECH_CHARS_PER_S, TEXT_TOKENS_PER_CHAR, build_on_meta, describe_model
 
-        # the planner's builder is registered under the transformers class (same module names)
-        return layout_from_config(config, super().transformers_class(), dtype, cls.fp32_modules(fp32_components))
+        model = build_on_meta(config, cls.transformers_class())
+        backbone = model.model
+        components = {
+            # run at every step too: the step's placeholder id, the BOS latent and the previous latent
+            "embeddings": [backbone.embed_tokens, backbone.audio_prompt_proj, backbone.audio_latent_proj],
+            "decoder": [*backbone.layers, backbone.norm, model.eos_head],
+            "flow_head": model.flow_head,  # one block: _no_split_modules keeps it whole
+        }
+        layout = describe_model(model, components, {"embeddings", "decoder", "flow_head"}, dtype,
+                                cls.fp32_modules(fp32_components))
+        layout = layout.replace_component("flow_head", token_cap=1, passes_per_token=FLOW_STEPS)
+        frame_rate = float(config.frame_rate)
+        return layout.with_hints(
+            # the prompt holds the text tokens, then one position per generated frame
+            tokens_per_char=frame_rate / SPEECH_CHARS_PER_S + TEXT_TOKENS_PER_CHAR,
+            prompt_tokens_per_s=frame_rate,  # one position per voice-prompt latent; no transcript
+            max_positions=int(config.max_position_embeddings))
 
     @classmethod
-    def load_processor(cls, folder: Path):
-        """Feature extractor and tokenizer from the folder, the codec from where processor_config.json
-        points. transformers would resolve a relative codec path against the working directory, so
-        the processor is assembled here instead of by AutoProcessor."""
-        from transformers import (AutoFeatureExtractor, AutoTokenizer, PocketTTSAudioTokenizerModel,
-                                  PocketTTSProcessor)
+    def codec_part(cls, source: ModelSource, config):
+        """The audio tokenizer the processor holds (encodes prompts to latents, decodes generated
+        latents to audio): where processor_config.json points, else audio_tokenizer/."""
+        from transformers import PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel
+
+        folder = codec_folder(source, CODEC_SUBFOLDER)
+        try:
+            codec_config = PocketTTSAudioTokenizerConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a missing or foreign codec config
+            raise ModelNotFoundError(f"cannot read the Pocket TTS audio tokenizer config in {folder}: {exc}") from None
+        part = SubModel(name="audio_tokenizer", build=lambda: PocketTTSAudioTokenizerModel(codec_config),
+                        checkpoint=folder, dtype=torch.float32)
+        return part, functools.partial(codec_layout, codec_config, float(config.frame_rate))
+
+    @classmethod
+    def load_processor(cls, folder: Path, codec=None):
+        """Feature extractor and tokenizer from the folder, with the codec the backend placed.
+        transformers would resolve a relative codec path against the working directory (and load
+        it outside the plan), so the processor is assembled here instead of by AutoProcessor."""
+        from transformers import AutoFeatureExtractor, AutoTokenizer, PocketTTSProcessor
 
         try:
             settings = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
-            codec_dir = _codec_folder(folder, settings.get("audio_tokenizer") or {})
-            codec = PocketTTSAudioTokenizerModel.from_pretrained(codec_dir, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             template = folder / "chat_template.jinja"
             return PocketTTSProcessor(
@@ -102,11 +135,9 @@ class PocketTTSSpeechModel(HFSpeechModel):
                 chat_template=(template.read_text(encoding="utf-8") if template.is_file()
                                else settings.get("chat_template") or tokenizer.chat_template),
                 **{k: settings[k] for k in _PROCESSOR_OPTIONS if k in settings})
-        except ModelNotFoundError:
-            raise
         except Exception as exc:  # noqa: BLE001 - missing or broken processor files
-            raise ModelNotFoundError(f"cannot load the Pocket TTS processor (tokenizer, feature extractor, "
-                                     f"audio tokenizer) from {folder}: {exc}") from None
+            raise ModelNotFoundError(f"cannot load the Pocket TTS processor (tokenizer, feature extractor) "
+                                     f"from {folder}: {exc}") from None
 
     def components(self) -> dict[str, Any]:
         backbone = self.model.model
@@ -185,17 +216,16 @@ class PocketTTSSpeechModel(HFSpeechModel):
         yield np.clip(wave.numpy(), -1.0, 1.0).astype(np.float32, copy=False)
 
 
-def _codec_folder(folder: Path, reference: dict) -> Path:
-    """The codec's folder: the path processor_config.json records (relative to the model folder,
-    absolute, or a hub id in the local Hugging Face cache), else our audio_tokenizer/ subfolder."""
-    name = str(reference.get("audio_tokenizer_name_or_path") or "")
-    candidates = [Path(name).expanduser() if Path(name).is_absolute() else folder / name] if name else []
-    candidates.append(folder / CODEC_SUBFOLDER)
-    for candidate in candidates:
-        if (candidate / "config.json").is_file() and candidate.resolve() != folder.resolve():
-            return candidate
-    if name and looks_like_hub_id(name):
-        return locate(name)  # never downloads: ModelNotFoundError says how to fetch it
-    raise ModelNotFoundError(f"the Pocket TTS audio tokenizer (codec) was not found: processor_config.json "
-                             f"names {name or 'none'!r} and {folder / CODEC_SUBFOLDER} does not exist; put the "
-                             "PocketTTSAudioTokenizerModel's save_pretrained files there")
+def codec_layout(config, frame_rate: float, dtype: torch.dtype):
+    """The audio tokenizer: one non-AR block kept fp32; at its last stage a few tensors of
+    (filters x samples per frame) are alive per frame, one row at a time, for the generated frames."""
+    from transformers import PocketTTSAudioTokenizerModel
+
+    from edge_runtime.policy.planner import CODEC_ACTIVATION_COPIES, SPEECH_CHARS_PER_S, build_on_meta, describe_model
+
+    model = build_on_meta(config, PocketTTSAudioTokenizerModel)
+    layout = describe_model(model, {"audio_tokenizer": model}, set(), dtype, ("audio_tokenizer",))
+    samples_per_frame = int(round(float(config.sampling_rate) / frame_rate))
+    width = CODEC_ACTIVATION_COPIES * samples_per_frame * int(config.num_filters)
+    return layout.replace_component("audio_tokenizer", activation_width=width, batch_cap=1,
+                                    tokens_per_char=frame_rate / SPEECH_CHARS_PER_S)

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.errors import InvalidInputError
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError
+from edge_runtime.models.base import ModelSource, Placer, SpeechModel, SubModel, SynthesisSettings
+from edge_runtime.models.registry import register
 from edge_runtime.models.text import TextFrontend
-from edge_runtime.models.base import SpeechModel, SynthesisSettings
 
 FIRST_CHUNK_FRAMES = 24  # ~0.28 s of audio at 22.05 kHz: small enough for early first audio
 CHUNK_GROWTH = 3  # later chunks grow so decoding stays ahead of playback with little overlap waste
@@ -24,19 +25,22 @@ CHUNK_GROWTH = 3  # later chunks grow so decoding stays ahead of playback with l
 # One gain per voice, measured once on this sentence, gives the same loudness and stays constant.
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests."
 TARGET_PEAK = 0.9
+FRAMES_PER_PHONEME = 7  # 86 frames/s at 22.05 kHz over ~12 phonemes/s of read speech (planning)
 
 
+@register
 class PiperModel(SpeechModel):
+    family = "piper"
+    supports_batch = True
     # No zero-shot cloning: a prompt picks the built-in speaker that sounds closest (speaker_match).
     supports_voice_prompt = True
     voice_prompt_kind = "nearest-speaker"
 
     def __init__(self, vits: Any, config: Any, model_id: str, stage_dtypes: dict | None = None,
-                 device: str | torch.device | None = None, placement: Any = None) -> None:
+                 device: str | torch.device | None = None) -> None:
         self.vits = vits
         # Offloaded weights sit on meta between uses: the execution device is stated, not inferred.
         self.device = torch.device(device) if device is not None else next(vits.parameters()).device
-        self.placement = placement  # the backend's LoadedModel (None: loaded resident directly)
         self.stage_dtypes = stage_dtypes or {name: torch.float32 for name in self.components_of(vits)}
         self.config = config
         self.model_id = model_id
@@ -80,54 +84,90 @@ class PiperModel(SpeechModel):
                              extra={"kind": self.voice_prompt_kind, "speaker_id": index,
                                     "similarity": round(float(sims[index]), 4)})
 
+    # -- the family ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str,
-             device: str = "cpu", dtype: torch.dtype | None = None,
-             fp32_components: tuple[str, ...] = ()) -> PiperModel:
-        from edge_runtime.models.piper.weights_cache import load_piper_voice
+    def resolve(cls, spec: str) -> ModelSource | None:
+        """``piper:NAME`` (embedded, or NAME.onnx in the voices folder) or a path to a .onnx voice."""
+        from edge_runtime.models.piper.catalog import EMBEDDED, embedded_voice, voices_dir
 
-        vits, config = load_piper_voice(onnx_path, config_path, mode="eager")
-        vits = vits.to(device).eval()
-        for param in vits.parameters():  # weights are constants here: no autograd bookkeeping
-            param.requires_grad_(False)
-        stage_dtypes = cls.cast_components(vits, dtype or torch.float32, fp32_components)
-        vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
-        return cls(vits, config, model_id, stage_dtypes, device=device)
+        if spec.startswith("piper:"):
+            name = spec.split(":", 1)[1]
+            found = embedded_voice(name)
+            if found:
+                return ModelSource(cls, spec, found[0], files={"config": found[1]})
+            candidate = voices_dir() / f"{name}.onnx"
+            if candidate.is_file():
+                return ModelSource(cls, spec, candidate)
+            raise ModelNotFoundError(
+                f"no Piper voice named {name!r}: looked for the embedded voices {sorted(EMBEDDED)} and "
+                f"for {candidate}. Put NAME.onnx and NAME.onnx.json there, or pass --model path/to/voice.onnx")
+        path = Path(spec).expanduser()
+        if path.suffix == ".onnx":
+            if not path.is_file():
+                raise ModelNotFoundError(f"voice file {path} does not exist")
+            return ModelSource(cls, f"piper:{path.stem}", path)
+        return None
 
     @classmethod
-    def load_placed(cls, onnx_path: Path, config_path: Path | None = None, *, model_id: str, plan: Any,
-                    backend: str, device: str = "cpu", dtype: torch.dtype | None = None,
-                    fp32_components: tuple[str, ...] = (), offload_dir: str | None = None) -> PiperModel:
-        """Load through an offload backend, block by block from the cached safetensors weights, as
-        ``plan`` places them. The stages run as plain modules ("eager"): the fast paths derive
-        prepared copies of the weights, which would defeat offloading."""
-        from edge_runtime.runtime.backends import LoadRequest, load_model
-        from edge_runtime.models.piper.vits import PiperVits, skip_weight_init
+    def installed(cls) -> list[dict[str, Any]]:
+        from edge_runtime.models.piper.catalog import EMBEDDED, embedded_voice, voices_dir
+
+        found = [{"id": f"piper:{name}", "source": "embedded", "path": str(paths[0])}
+                 for name in sorted(EMBEDDED) if (paths := embedded_voice(name))]
+        folder = voices_dir()
+        if folder.is_dir():
+            found += [{"id": f"piper:{onnx.stem}", "source": "voices dir", "path": str(onnx)}
+                      for onnx in sorted(folder.glob("*.onnx"))]
+        return found
+
+    @classmethod
+    def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
+        """The VITS stages measured on a meta skeleton; the decoder's activations per output sample."""
+        from accelerate import init_empty_weights
+
+        from edge_runtime.models.piper.vits import PiperVits
         from edge_runtime.models.piper.weights_cache import cached_weights
+        from edge_runtime.policy.planner import CODEC_ACTIVATION_COPIES, describe_model
 
-        path, config, hp = cached_weights(onnx_path, config_path)
+        _, _, hp = cached_weights(source.path, source.files.get("config"))
+        with init_empty_weights(include_buffers=False):
+            skeleton = PiperVits(hp)
+        layout = describe_model(skeleton, cls.components_of(skeleton), autoregressive=(), dtype=dtype,
+                                fp32_components=fp32_components)
+        # Tokens are phonemes, but the HiFi-GAN decoder's peak is per output sample: ~3 tensors of
+        # (last-stage channels x samples), at ~7 latent frames per phoneme of read speech.
+        last_channels = hp.upsample_initial_channel // 2 ** len(hp.upsample_rates)
+        width = CODEC_ACTIVATION_COPIES * FRAMES_PER_PHONEME * hp.hop_length * last_channels
+        return layout.replace_component("decoder", activation_width=width)
+
+    @classmethod
+    def load(cls, source: ModelSource, placer: Placer) -> PiperModel:
+        """Resident on the execution device: straight from the converted weights, with the fast
+        paths (prepared weight copies). Offloaded: block by block through the placer from the
+        cached safetensors weights, the stages running as plain modules ("eager"), since the fast
+        paths' prepared copies would defeat offloading."""
+        from edge_runtime.models.piper.vits import PiperVits, skip_weight_init
+        from edge_runtime.models.piper.weights_cache import cached_weights, load_piper_voice
+
+        fp32 = tuple(placer.fp32_components)
+        if not placer.offloaded:
+            vits, config = load_piper_voice(source.path, source.files.get("config"), mode="eager")
+            vits = vits.to(placer.device).eval()
+            for param in vits.parameters():  # weights are constants here: no autograd bookkeeping
+                param.requires_grad_(False)
+            stage_dtypes = cls.cast_components(vits, placer.dtype, fp32)
+            vits.prepare_for_inference()  # after casting: it derives its buffers from the weights
+            return cls(vits, config, source.model_id, stage_dtypes, device=placer.device)
+        path, config, hp = cached_weights(source.path, source.files.get("config"))
 
         def build() -> PiperVits:
             with skip_weight_init():
                 return PiperVits(hp)
 
-        dtype = dtype or torch.float32
-        request = LoadRequest(build=build, checkpoint=path, plan=plan, device=torch.device(device),
-                              dtype=dtype, fp32_modules=tuple(fp32_components),
-                              offload_dir=Path(offload_dir).expanduser() if offload_dir else None)
-        loaded = load_model(request, backend)
-        vits = loaded.model
-        for param in vits.parameters():
-            param.requires_grad_(False)
-        vits.prepare_for_inference("fast" if loaded.backend == "resident" else "eager")
-        stage_dtypes = {name: torch.float32 if name in fp32_components else dtype
-                        for name in cls.components_of(vits)}
-        return cls(vits, config, model_id, stage_dtypes, device=device, placement=loaded)
-
-    def close(self) -> None:
-        """Release what the backend holds (hooks, memory maps, prefetch thread)."""
-        if self.placement is not None:
-            self.placement.close()
+        vits = placer.place(SubModel(name="", build=build, checkpoint=path, fp32_modules=fp32))
+        vits.prepare_for_inference("eager")
+        stage_dtypes = {name: torch.float32 if name in fp32 else placer.dtype for name in cls.components_of(vits)}
+        return cls(vits, config, source.model_id, stage_dtypes, device=placer.device)
 
     @staticmethod
     def components_of(vits: Any) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_runtime.policy.planner._profile import gpu_vram_gib, setting
 from edge_runtime.policy.planner.layout import GIB, Block, ComponentLayout, ModelLayout, gib
 
-DEFAULT_TEXT_CHARS = 1000
-DEFAULT_RESERVE_GIB = 0.8
+if TYPE_CHECKING:  # the typed profile: policy/schema.py checks every value
+    from edge_runtime.policy.schema import Profile
+
 # The longest unit the engine synthesises at once (the text splitter cuts sentences at this length):
 # the planner budgets one such sentence, not the whole request text.
 MAX_SENTENCE_CHARS = 300
@@ -69,24 +69,40 @@ class Budget:
                 f" = {gib(self.weights_bytes):.2f} GiB for weights (batch {self.batch} x {self.tokens} tokens)")
 
 
-def request_tokens(profile: Any, layout: ModelLayout) -> int:
+def batch_bound(budget: Budget, fixed_bytes: int, kv_gpu_bytes: int) -> int | None:
+    """The largest batch a placement holds: ``fixed_bytes`` (resident weights + streaming buffers)
+    and the reserve stay, while activations and the GPU KV cache, budgeted here for
+    ``budget.batch`` requests, grow linearly with the batch. None for a CPU-only budget."""
+    per_batch = budget.activation_bytes + kv_gpu_bytes
+    if budget.cpu_only or per_batch <= 0:
+        return None
+    # integer arithmetic: floor(room / (per_batch / batch)) without rounding a plan that just fits
+    return max(0, (budget.usable_bytes - fixed_bytes) * budget.batch // per_batch)
+
+
+def sentence_chars(profile: Profile) -> int:
+    """The longest unit the engine synthesises at once under this profile."""
+    return min(profile.limits.max_text_chars, MAX_SENTENCE_CHARS)
+
+
+def request_tokens(profile: Profile, layout: ModelLayout) -> int:
     """Worst-case sequence in model tokens: one sentence (the engine synthesises sentence by
     sentence, none longer than MAX_SENTENCE_CHARS, nor than limits.max_text_chars) plus
     max_prompt_seconds of voice prompt, through the layout's per-model rates, capped at the
     model's positions."""
-    chars = min(float(setting(profile, "limits.max_text_chars", DEFAULT_TEXT_CHARS)), MAX_SENTENCE_CHARS)
-    prompt_s = float(setting(profile, "limits.max_prompt_seconds", 0))
+    chars = sentence_chars(profile)
+    prompt_s = profile.limits.max_prompt_seconds
     tokens = math.ceil(chars * layout.tokens_per_char + prompt_s * layout.prompt_tokens_per_s)
     if layout.max_positions:
         tokens = min(tokens, layout.max_positions)
     return max(1, tokens)
 
 
-def profile_batch(profile: Any) -> int:
-    """``batching.max_batch``; ``auto`` budgets for one request (the scheduler grows the batch
-    only when measured headroom allows)."""
-    value = setting(profile, "batching.max_batch", 1)
-    return 1 if value == "auto" else max(1, int(value))
+def profile_batch(profile: Profile) -> int:
+    """``batching.max_batch``; ``auto`` budgets for one request (the plan's ``max_batch`` then
+    bounds how far the serving batch tuner may grow it)."""
+    value = profile.batching.max_batch
+    return 1 if value == "auto" else value
 
 
 def block_kv_bytes(block: Block, component: ComponentLayout, tokens: int, batch: int) -> int:
@@ -95,23 +111,26 @@ def block_kv_bytes(block: Block, component: ComponentLayout, tokens: int, batch:
     return per_seq * batch * block.compute_bytes
 
 
-def component_activation_bytes(component: ComponentLayout, tokens: int, batch: int) -> int:
+def component_activation_bytes(component: ComponentLayout, tokens: int, batch: int,
+                               chars: int | None = None) -> int:
     if not component.blocks:
         return 0
     elem = max(b.compute_bytes for b in component.blocks)
-    return component.activation_width * component.tokens(tokens) * batch * elem
+    rows = batch if component.batch_cap is None else min(batch, component.batch_cap)
+    return component.activation_width * component.tokens(tokens, chars) * rows * elem
 
 
-def compute_budget(profile: Any, layout: ModelLayout, max_batch: int | None = None,
+def compute_budget(profile: Profile, layout: ModelLayout, max_batch: int | None = None,
                    max_tokens: int | None = None) -> Budget:
     """Budget for ``max_batch`` requests of ``max_tokens`` tokens (defaults: from the profile)."""
     batch = profile_batch(profile) if max_batch is None else max(1, int(max_batch))
     tokens = request_tokens(profile, layout) if max_tokens is None else max(1, int(max_tokens))
-    vram_gib = gpu_vram_gib(profile)
-    reserve_gib = float(setting(profile, "memory.reserve_gib", DEFAULT_RESERVE_GIB)) if vram_gib else 0.0
+    chars = sentence_chars(profile) if max_tokens is None else None
+    vram_gib = profile.memory.vram_gib or 0.0  # null (the cpu tier) or 0: CPU-only
+    reserve_gib = profile.memory.reserve_gib if vram_gib else 0.0
     kv = {b.name: block_kv_bytes(b, c, tokens, batch)
           for c in layout.components if c.autoregressive for b in c.blocks}
-    activations = max((component_activation_bytes(c, tokens, batch) for c in layout.components), default=0)
+    activations = max((component_activation_bytes(c, tokens, batch, chars) for c in layout.components), default=0)
     return Budget(vram_bytes=int(vram_gib * GIB), reserve_bytes=int(reserve_gib * GIB),
                   activation_bytes=activations, kv_cache_bytes=sum(kv.values()),
                   batch=batch, tokens=tokens, kv_by_block={k: v for k, v in kv.items() if v})

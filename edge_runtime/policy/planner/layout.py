@@ -10,6 +10,7 @@ dtype the model happens to be instantiated in (usually meta / fp32).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,9 @@ class Block:
     width: int = 0  # widest Linear/Conv/Embedding output in the block (activation heuristic)
     has_attention: bool = False
     tied_with: tuple[str, ...] = ()  # other blocks sharing a parameter with this one
+    # The sub-model (its own checkpoint) holding the block: "" for the main one. Blocks of another
+    # sub-model are named "<submodel>:<module name inside it>", unique across the whole layout.
+    submodel: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,29 @@ class ComponentLayout:
     # Forward passes per request token: CSM's depth decoder runs once per codebook per frame.
     passes_per_token: int = 1
     fp32: bool = False
+    # Runs on the prompt only, once per request (Higgs's text FFNs): like a non-AR block its weights
+    # cross once per request, however many frames are generated.
+    prefill_only: bool = False
+    # Rows it runs at once whatever the batch (a codec decoding a batch row by row: 1); None = all.
+    batch_cap: int | None = None
+    # Tokens per character of the sentence when this component sees only the generated part (a codec
+    # decoding the new frames, not the voice prompt's); None: it sees the whole request sequence.
+    tokens_per_char: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """autoregressive (once per generated token), prefill (once, on the prompt) or once."""
+        return "autoregressive" if self.autoregressive else "prefill" if self.prefill_only else "once"
 
     @property
     def bytes(self) -> int:
         return sum(b.bytes for b in self.blocks)
 
-    def tokens(self, request_tokens: int) -> int:
+    def tokens(self, request_tokens: int, chars: int | None = None) -> int:
+        """Sequence length this component sees for a request of ``request_tokens`` tokens made from
+        a sentence of ``chars`` characters (when known)."""
+        if self.tokens_per_char is not None and chars is not None:
+            request_tokens = min(request_tokens, max(1, math.ceil(chars * self.tokens_per_char)))
         return request_tokens if self.token_cap is None else min(request_tokens, self.token_cap)
 
     def cross_tokens(self, request_tokens: int) -> int:
@@ -107,6 +128,30 @@ class ModelLayout:
         self.component(name)  # raises on a typo
         comps = tuple(dataclasses.replace(c, **changes) if c.name == name else c for c in self.components)
         return dataclasses.replace(self, components=comps)
+
+    def with_submodel(self, name: str, part: "ModelLayout") -> "ModelLayout":
+        """This layout plus the blocks of sub-model ``name`` (another checkpoint), planned in the
+        same budget. Its blocks are renamed "<name>:<block>"; a component name already taken gets
+        the prefix "<name>." so components stay unique."""
+        if not name or ":" in name:
+            raise ValueError(f"sub-model name {name!r}: give a non-empty name without ':'")
+        taken = {c.name for c in self.components}
+
+        def qualify(block: Block) -> Block:
+            return dataclasses.replace(block, name=f"{name}:{block.name}", submodel=name,
+                                       component=component_name(block.component),
+                                       tied_with=tuple(f"{name}:{t}" for t in block.tied_with))
+
+        def component_name(comp: str) -> str:
+            return f"{name}.{comp}" if comp in taken else comp
+
+        added = tuple(dataclasses.replace(c, name=component_name(c.name), blocks=tuple(qualify(b) for b in c.blocks))
+                      for c in part.components)
+        return dataclasses.replace(self, components=self.components + added, notes=self.notes + part.notes)
+
+    @property
+    def submodels(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.submodel for b in self.blocks))
 
     def with_hints(self, **changes) -> "ModelLayout":
         return dataclasses.replace(self, **changes)

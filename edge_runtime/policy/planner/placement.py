@@ -14,14 +14,16 @@ When two streamed copies do not fit, prefetch is lowered before anything fails.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from edge_runtime.policy.planner._profile import setting
-from edge_runtime.policy.planner.budget import Budget
+from edge_runtime.policy.planner.budget import Budget, batch_bound
 from edge_runtime.policy.planner.cost import CostModel, block_cost
 from edge_runtime.policy.planner.layout import Block, ModelLayout, gib
 from edge_runtime.policy.planner.plan import BlockPlacement, Plan, PlanError
+
+if TYPE_CHECKING:  # the typed profile: policy/schema.py checks every value
+    from edge_runtime.policy.schema import Profile
 
 TARGETS = ("cpu", "disk", "nvme")
 BACKENDS = ("auto", "none", "accelerate", "streamer", "deepspeed")
@@ -44,23 +46,23 @@ class _Unit:
         return any(b.autoregressive for b in self.blocks)
 
 
-def plan(layout: ModelLayout, profile: Any, budget: Budget, cost_model: CostModel | None = None,
+def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: CostModel | None = None,
          target: str | None = None) -> Plan:
     """Place every block of ``layout`` within ``budget`` (see the module docstring)."""
     cost = cost_model or CostModel()
-    target = target or setting(profile, "offload.target", "cpu")
-    backend = setting(profile, "offload.backend", "auto")
+    offload = profile.offload
+    target = target or offload.target
+    backend = offload.backend
     if target not in TARGETS:
         raise PlanError(f"offload.target must be one of {TARGETS}, not {target!r}")
     if backend not in BACKENDS:
         raise PlanError(f"offload.backend must be one of {BACKENDS}, not {backend!r}")
     if backend in ("accelerate", "streamer") and target == "nvme":
         raise PlanError(f"{backend} offloads to cpu or disk; offload.target nvme needs backend deepspeed or auto")
-    opts = dict(prefetch=max(0, int(setting(profile, "offload.prefetch", 1))),
-                pinned=bool(setting(profile, "offload.pin_memory", True)))
+    opts = dict(prefetch=offload.prefetch, pinned=offload.pin_memory)
     notes = list(layout.notes)
     comps = {c.name: c for c in layout.components}
-    keep = [str(k) for k in (setting(profile, "offload.keep_resident", ()) or ())]
+    keep = list(offload.keep_resident)
     known = [k for k in keep if k in comps or any(_under(b.name, k) for b in layout.blocks)]
     if len(known) < len(keep):
         notes.append(f"keep_resident ignores names this model lacks: {sorted(set(keep) - set(known))}")
@@ -250,13 +252,14 @@ def _build(layout, profile, budget, cost, placed, backend, target, prefetch, inf
         rows.append(BlockPlacement(
             name=b.name, component=b.component, index=b.index, placement=where, bytes=b.bytes,
             params=b.params, autoregressive=b.autoregressive, kv_bytes=kv,
-            extra_s=c.per_request_s if c else 0.0, extra_per_token_s=c.per_token_s if c else 0.0))
+            extra_s=c.per_request_s if c else 0.0, extra_per_token_s=c.per_token_s if c else 0.0,
+            submodel=b.submodel))
     dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(layout.dtype), "fp32")
     result = Plan(model_name=layout.model_name, dtype=dtype, blocks=tuple(rows), backend=backend,
                   target=target, prefetch=prefetch, pin_memory=opts["pinned"],
-                  offload_dir=setting(profile, "offload.offload_dir", None), budget=budget,
+                  offload_dir=profile.offload.offload_dir, budget=budget,
                   inflight_bytes=inflight, kv_gpu_bytes=kv_gpu, notes=tuple(notes))
     # The plan's own accounting must hold; anything else is a planner bug, not a user error.
     if not budget.cpu_only and result.peak_vram_bytes > usable:
         raise AssertionError(f"planner bug: peak {result.peak_vram_bytes} > usable {usable}")
-    return result
+    return replace(result, max_batch=batch_bound(budget, result.resident_bytes + inflight, kv_gpu))

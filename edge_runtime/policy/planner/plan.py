@@ -10,6 +10,7 @@ Placements:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ class BlockPlacement:
     kv_bytes: int  # its KV cache, on the GPU unless placement is cpu
     extra_s: float  # predicted extra seconds per request
     extra_per_token_s: float  # predicted extra seconds per generated token (AR only)
+    submodel: str = ""  # the checkpoint it comes from ("" the main one); see ModelLayout.with_submodel
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Plan:
     inflight_bytes: int  # buffers for streamed blocks: (1 + prefetch) x largest streamed unit
     kv_gpu_bytes: int
     notes: tuple[str, ...] = ()
+    # The largest batch this placement holds: weights, streaming buffers and reserve stay, while
+    # activations and the GPU KV cache grow linearly with the batch. None: CPU-only, no VRAM bound.
+    max_batch: int | None = None
 
     # --- totals -----------------------------------------------------------------------------
     def _sum(self, pred) -> int:
@@ -107,6 +112,19 @@ class Plan:
         stream:cpu, so the backend needs this list to tell the two apart."""
         return [b.name for b in self.blocks if b.placement == "cpu"]
 
+    @property
+    def submodels(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.submodel for b in self.blocks))
+
+    def for_submodel(self, name: str) -> Plan:
+        """The part of this plan one sub-model's backend executes: its blocks, named as modules
+        inside that sub-model, under the same budget and options."""
+        prefix = f"{name}:" if name else ""
+        blocks = tuple(dataclasses.replace(b, name=b.name[len(prefix):]) for b in self.blocks if b.submodel == name)
+        if not blocks:
+            raise KeyError(f"plan has no sub-model {name!r}; it has {list(self.submodels)}")
+        return dataclasses.replace(self, blocks=blocks)
+
     # --- exports ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,8 +136,8 @@ class Plan:
             "kv_gpu_bytes": self.kv_gpu_bytes, "peak_vram_bytes": self.peak_vram_bytes,
             "extra_latency_s": self.extra_latency_s,
             "extra_latency_per_token_s": self.extra_latency_per_token_s,
-            "notes": list(self.notes),
-            "blocks": [{"name": b.name, "component": b.component, "index": b.index,
+            "notes": list(self.notes), "max_batch": self.max_batch,
+            "blocks": [{"name": b.name, "submodel": b.submodel, "component": b.component, "index": b.index,
                         "placement": b.placement, "bytes": b.bytes, "autoregressive": b.autoregressive,
                         "kv_bytes": b.kv_bytes, "extra_s": b.extra_s,
                         "extra_per_token_s": b.extra_per_token_s} for b in self.blocks],
@@ -147,6 +165,8 @@ class Plan:
                          f"usable (+{gib(self.budget.reserve_bytes):.2f} reserve): in flight "
                          f"{gib(self.inflight_bytes):.2f}, activations {gib(self.budget.activation_bytes):.2f}, "
                          f"KV {gib(self.kv_gpu_bytes):.2f}")
+        lines.append("batch bound: none (CPU-only: no VRAM bound)" if self.max_batch is None else
+                     f"batch bound: at most {self.max_batch} requests per batch fit the budget")
         lines.append(f"predicted extra latency (estimate): {self.extra_latency_s * 1e3:.1f} ms per request, "
                      f"{self.extra_latency_per_token_s * 1e3:.2f} ms per token")
         lines += [f"note: {n}" for n in self.notes]

@@ -11,6 +11,8 @@ Backends (one placement mechanism each):
   accelerate   HF accelerate's own hooks (AlignDevicesHook): cpu/disk offload, no prefetch
   streamer     our prefetching streamer: next block fetched while the current one computes
   deepspeed    ZeRO-3 parameter offload (cpu or nvme), or init_inference when all is resident
+``request.checkpoint`` may be any format ``open_checkpoint`` reads (a .safetensors file, a sharded
+checkpoint's index, a folder, a PyTorch state dict); every backend opens it through that.
 ``auto`` follows the plan: resident when nothing is offloaded, deepspeed for an nvme target,
 else the streamer (the plan's "accelerate" means accelerate-style placement: device maps and
 hooks; the streamer is that plus prefetch). DeepSpeed is imported only when asked for.
@@ -19,6 +21,7 @@ hooks; the streamer is that plus prefetch). DeepSpeed is imported only when aske
 from __future__ import annotations
 
 from edge_runtime.runtime.backends.base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
+from edge_runtime.runtime.backends.checkpoint import open_checkpoint
 
 NAMES = ("auto", "resident", "accelerate", "streamer", "deepspeed")
 
@@ -59,4 +62,4 @@ def load_model(request: LoadRequest, backend: str = "auto") -> LoadedModel:
 
 
 __all__ = ["NAMES", "Backend", "BackendError", "LoadRequest", "LoadedModel", "TransferStats",
-           "choose_backend", "get_backend", "load_model"]
+           "choose_backend", "get_backend", "load_model", "open_checkpoint"]

@@ -1,5 +1,6 @@
-"""The contract every placement backend follows: take a model skeleton, its safetensors
-checkpoint and a Plan; return the model with every block where the plan says, ready to run.
+"""The contract every placement backend follows: take a model skeleton, its checkpoint (any
+format ``checkpoint.open_checkpoint`` reads) and a Plan; return the model with every block where
+the plan says, ready to run.
 
 A backend is mechanism only: it never decides placements (the planner did) and never looks at
 profile tiers. The execution device is CUDA on a GPU machine; on a CPU-only machine the same code
@@ -49,7 +50,10 @@ class LoadRequest:
     stream, and normally by the resident one."""
 
     build: Callable[[], nn.Module]
-    checkpoint: Path  # one .safetensors file whose names equal the model's state_dict() names
+    # names equal the model's state_dict() names; a .safetensors file, a sharded checkpoint's
+    # *.index.json, a folder holding model.safetensors(.index.json), or a PyTorch state dict
+    # (.pt/.pth/.bin/.ckpt): see checkpoint.open_checkpoint, the one opener every backend uses
+    checkpoint: Path
     plan: Plan
     device: torch.device  # execution device: cuda:N, or cpu on a machine without a GPU
     dtype: torch.dtype  # compute dtype of floating weights

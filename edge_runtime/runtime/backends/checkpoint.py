@@ -1,103 +1,70 @@
-"""Storage only: read a safetensors checkpoint by name, or map a block's tensors straight from the
-file. Mapping costs no copy: while the page cache holds the file, a "load" is page-table work, and
-the pages belong to the kernel (reclaimable), not to the process's private heap."""
+"""Storage only: the one way backends open a checkpoint, whatever its format.
+
+    ckpt = open_checkpoint(path)
+    ckpt.entries[name]          # dtype, shape, nbytes (and the file holding it)
+    ckpt.read(name)             # a private copy of one tensor
+    ckpt.map(names)             # zero-copy views backed by the file's pages
+
+``path`` may be
+  * a ``.safetensors`` file;
+  * a sharded checkpoint's ``*.safetensors.index.json`` (Hugging Face layout; each shard read and
+    mapped from its own file; a ``pytorch_model.bin.index.json`` works the same way);
+  * a folder holding ``model.safetensors`` or ``model.safetensors.index.json`` (or, as
+    transformers looks for them next, ``pytorch_model.bin`` / ``pytorch_model.bin.index.json``);
+  * a PyTorch state dict (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), loaded with
+    ``torch.load(weights_only=True, mmap=True)``: never an unpickling that can run code.
+"""
 
 from __future__ import annotations
 
-import json
-import mmap
-import os
-import struct
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from edge_runtime.runtime.backends.base import BackendError
+from edge_runtime.runtime.backends.checkpoint_safetensors import SafetensorsFile
+from edge_runtime.runtime.backends.checkpoint_sharded import ShardedCheckpoint
+from edge_runtime.runtime.backends.checkpoint_source import CheckpointSource, Entry
+from edge_runtime.runtime.backends.checkpoint_torch import SUFFIXES as TORCH_SUFFIXES
+from edge_runtime.runtime.backends.checkpoint_torch import TorchStateDict
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
-_PAGE = mmap.ALLOCATIONGRANULARITY
+Checkpoint = SafetensorsFile  # the single-file reader, under its former name
 
-
-@dataclass(frozen=True)
-class Entry:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
+# what a folder may hold, in the order transformers' from_pretrained looks for it
+FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+ALLOWED = ("a .safetensors file, a sharded checkpoint's *.safetensors.index.json, a folder holding "
+           f"{' or '.join(FOLDER_FILES[:2])}, or a PyTorch state dict ({', '.join(TORCH_SUFFIXES)})")
 
 
-class Checkpoint:
-    """The header of one .safetensors file: every tensor's dtype, shape and byte range."""
+def open_checkpoint(path: str | Path) -> CheckpointSource:
+    """The reader for ``path`` (see the module docstring); BackendError naming the file when it
+    is missing, malformed, or of a format not listed there."""
+    path = Path(path)
+    if path.is_dir():
+        for name in FOLDER_FILES:
+            if (path / name).is_file():
+                return _open_file(path / name)
+        raise BackendError(f"checkpoint folder {path} holds none of {', '.join(FOLDER_FILES)}; "
+                           f"expected {ALLOWED}")
+    if not path.exists():
+        raise BackendError(f"checkpoint {path} does not exist")
+    return _open_file(path)
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            with self.path.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                if size > self.path.stat().st_size - 8:
-                    raise ValueError(f"header length {size} exceeds the file")
-                header = json.loads(f.read(size))
-        except FileNotFoundError:
-            raise BackendError(f"checkpoint {self.path} does not exist") from None
-        except (OSError, struct.error, ValueError) as exc:
-            raise BackendError(f"checkpoint {self.path} is not a readable safetensors file: {exc}") from None
-        base = 8 + size
-        self.entries: dict[str, Entry] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _DTYPES:
-                raise BackendError(f"checkpoint {self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            lo, hi = info["data_offsets"]
-            self.entries[name] = Entry(_DTYPES[info["dtype"]], tuple(info["shape"]), base + lo, base + hi)
-        self._handle = None
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
+def _open_file(path: Path) -> CheckpointSource:
+    if path.name.endswith(".index.json"):
+        return ShardedCheckpoint(path, _open_shard)
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return TorchStateDict(path)
+    raise BackendError(f"checkpoint {path} has an unknown format (suffix {path.suffix or 'none'!r}); "
+                       f"expected {ALLOWED}")
 
-    def names(self) -> list[str]:
-        return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A private copy of one tensor (for weights that will be resident somewhere)."""
-        if self._handle is None:
-            from safetensors import safe_open
+def _open_shard(path: Path) -> CheckpointSource:
+    if path.name.endswith(".index.json"):
+        raise BackendError(f"checkpoint shard {path} is itself an index; shards must be weight files")
+    return _open_file(path)
 
-            self._handle = safe_open(str(self.path), framework="pt")
-        return self._handle.get_tensor(name)
 
-    def map(self, names: list[str], populate: bool = True) -> dict[str, torch.Tensor]:
-        """Tensors viewing the file through one private read-only-in-practice mapping of the byte
-        range covering ``names``. ``populate`` pre-faults the pages (reading them from disk when
-        the page cache lacks them), so the compute that follows takes no page faults. The mapping
-        is released when the last returned tensor dies."""
-        if not names:
-            return {}
-        entries = [self.entries[n] for n in names]
-        lo = min(e.start for e in entries) // _PAGE * _PAGE
-        hi = max(e.end for e in entries)
-        # Read-only and shared: the pages ARE the page cache. (A writable private mapping would make
-        # MAP_POPULATE break copy-on-write and copy every page: slower than reading the file.)
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            region = mmap.mmap(fd, hi - lo, flags=flags, prot=mmap.PROT_READ, offset=lo)
-        finally:
-            os.close(fd)
-        out = {}
-        with warnings.catch_warnings():  # "buffer is not writable": nothing writes to weights
-            warnings.simplefilter("ignore", UserWarning)
-            for name, e in zip(names, entries):
-                count = e.nbytes // torch.empty((), dtype=e.dtype).element_size()
-                flat = torch.frombuffer(region, dtype=e.dtype, count=count, offset=e.start - lo) if count \
-                    else torch.empty(0, dtype=e.dtype)
-                out[name] = flat.view(e.shape)
-        return out
+__all__ = ["ALLOWED", "Checkpoint", "CheckpointSource", "Entry", "open_checkpoint"]

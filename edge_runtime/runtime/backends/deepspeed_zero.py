@@ -25,6 +25,7 @@ from torch import nn
 
 from edge_runtime.paths import offload_dir as default_offload_dir
 from edge_runtime.runtime.backends.base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
+from edge_runtime.runtime.backends.checkpoint import open_checkpoint
 
 INSTALL_HINT = "pip install 'edge-runtime[deepspeed]'"
 
@@ -176,19 +177,19 @@ def _check_async_io() -> None:
 # --- model ------------------------------------------------------------------------------------
 def _build(request: LoadRequest) -> nn.Module:
     """The model on the CPU with the checkpoint's weights, parameters in their target dtypes."""
-    from safetensors.torch import load_file
-
+    ckpt = open_checkpoint(request.checkpoint)  # format and path errors before building
     model = request.build()
     for name, param in model.named_parameters():  # cast first: load_state_dict copies into it
         param.data = param.data.to(request.dtype_for(name, param))
-    missing, _ = model.load_state_dict(load_file(str(request.checkpoint)), strict=False)
+    # mapped views, not copies: load_state_dict copies them into the model's own tensors
+    missing, _ = model.load_state_dict(ckpt.map(ckpt.names(), populate=False), strict=False)
     if missing and hasattr(model, "tie_weights"):
         # tied copies (embeddings shared with a head) are saved once: tie, then they are present
         model.tie_weights()
         loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n not in missing}
         missing = [n for n in missing if id(_tensor(model, n)) not in loaded]
     if missing:  # non-persistent buffers are not state_dict keys, so never listed here
-        raise BackendError(f"checkpoint {request.checkpoint} lacks {len(missing)} tensors the "
+        raise BackendError(f"{ckpt.describe()} lacks {len(missing)} tensors the "
                            f"model needs, e.g. {missing[:5]}")
     if any(p.is_meta for p in model.parameters()):
         raise BackendError("the deepspeed backend needs build() to make real (not meta) tensors")

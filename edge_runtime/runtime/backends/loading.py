@@ -12,7 +12,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from edge_runtime.runtime.backends.base import BackendError, LoadRequest
-from edge_runtime.runtime.backends.checkpoint import Checkpoint
+from edge_runtime.runtime.backends.checkpoint import CheckpointSource
 
 
 def build_skeleton(request: LoadRequest) -> nn.Module:
@@ -33,7 +33,7 @@ def owner(tensor_name: str, block_names: Iterable[str]) -> str | None:
     return best
 
 
-def load_tensors(model: nn.Module, ckpt: Checkpoint, names: Iterable[str], device: torch.device | str,
+def load_tensors(model: nn.Module, ckpt: CheckpointSource, names: Iterable[str], device: torch.device | str,
                  request: LoadRequest) -> int:
     """Copy ``names`` from the checkpoint into the model on ``device``; returns bytes loaded."""
     total = 0
@@ -45,7 +45,7 @@ def load_tensors(model: nn.Module, ckpt: Checkpoint, names: Iterable[str], devic
     return total
 
 
-def check_complete(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = ()) -> None:
+def check_complete(model: nn.Module, ckpt: CheckpointSource, skip: Iterable[str] = ()) -> None:
     """Every parameter is real (or deliberately left on meta for a hook to fill)."""
     skip = list(skip)
     if hasattr(model, "tie_weights"):
@@ -53,11 +53,11 @@ def check_complete(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = ())
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"
                and owner(n, skip) is None]
     if missing:
-        raise BackendError(f"checkpoint {ckpt.path} lacks {len(missing)} tensor(s) the model needs, "
+        raise BackendError(f"{ckpt.describe()} lacks {len(missing)} tensor(s) the model needs, "
                            f"e.g. {missing[:5]}: was it saved from this model (state_dict names)?")
     unknown = [n for n in ckpt.names() if _lookup(model, n) is None]
     if unknown:
-        raise BackendError(f"checkpoint {ckpt.path} has {len(unknown)} tensor(s) the model lacks, "
+        raise BackendError(f"{ckpt.describe()} has {len(unknown)} tensor(s) the model lacks, "
                            f"e.g. {unknown[:5]}: wrong checkpoint for this model?")
 
 

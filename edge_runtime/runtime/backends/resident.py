@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edge_runtime.runtime.backends.base import Backend, LoadedModel, LoadRequest
-from edge_runtime.runtime.backends.checkpoint import Checkpoint
+from edge_runtime.runtime.backends.checkpoint import open_checkpoint
 from edge_runtime.runtime.backends.loading import build_skeleton, check_complete, load_tensors
 
 
@@ -11,10 +11,9 @@ class ResidentBackend(Backend):
     name = "resident"
 
     def load(self, request: LoadRequest) -> LoadedModel:
-        ckpt = Checkpoint(request.checkpoint)
+        ckpt = open_checkpoint(request.checkpoint)
         model = build_skeleton(request)
-        check_complete_names = ckpt.names()
-        nbytes = load_tensors(model, ckpt, check_complete_names, request.device, request)
+        nbytes = load_tensors(model, ckpt, ckpt.names(), request.device, request)
         check_complete(model, ckpt)
         model.to(request.device)  # the constructor's buffers follow the weights
         return LoadedModel(model, self.name, request.plan, request.device,

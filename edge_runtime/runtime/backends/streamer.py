@@ -3,7 +3,8 @@ accelerate's hooks lack - the next block's weights are fetched while the current
 
 * Where streamed weights wait: ``stream:cpu`` in host RAM in the compute dtype (pinned once, up
   front, when the execution device is CUDA); ``stream:disk`` in the checkpoint file itself
-  (memory-mapped; a converted copy in the offload folder when the dtype differs).
+  (memory-mapped, whatever its format: a safetensors file or shard, or a PyTorch state dict's
+  mmap-backed tensors; a converted copy in the offload folder when the dtype differs).
 * How they arrive: one worker thread fetches ahead. On CUDA it copies on a side stream and the
   compute stream waits on an event, so PCIe transfers hide behind compute. On the CPU a disk
   block is mapped with MAP_POPULATE in the worker: the page cache is filled and the page tables
@@ -29,7 +30,7 @@ from torch import nn
 
 from edge_runtime.policy.planner.plan import Plan
 from edge_runtime.runtime.backends.base import Backend, LoadedModel, LoadRequest, TransferStats
-from edge_runtime.runtime.backends.checkpoint import Checkpoint
+from edge_runtime.runtime.backends.checkpoint import CheckpointSource, open_checkpoint
 from edge_runtime.runtime.backends.loading import build_skeleton, check_complete, load_tensors, owner, split_name
 from edge_runtime.runtime.backends.offload_store import disk_store_for
 from edge_runtime.runtime.backends.placement import cpu_compute_hooks
@@ -61,7 +62,7 @@ class _Fetched:
 
 class WeightStreamer:
     def __init__(self, blocks: list[_Block], device: torch.device, prefetch: int,
-                 store: Checkpoint | None, stats: TransferStats) -> None:
+                 store: CheckpointSource | None, stats: TransferStats) -> None:
         self.blocks = {b.name: b for b in blocks}
         self.order = [b.name for b in blocks]
         self.device = device
@@ -205,7 +206,7 @@ class StreamerBackend(Backend):
 
     def load(self, request: LoadRequest) -> LoadedModel:
         plan = request.plan
-        ckpt = Checkpoint(request.checkpoint)
+        ckpt = open_checkpoint(request.checkpoint)
         model = build_skeleton(request)
         modules = dict(model.named_modules())
         # a block that is a bare tensor (a root buffer, a parameter beside sub-blocks) has no

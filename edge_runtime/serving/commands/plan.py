@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", help="model (default: the embedded voice): piper:NAME, a .onnx voice, a "
                                     "transformers model folder or hub id (sized on the meta device from its config)")
     p.add_argument("--allow-download", action="store_true",
-                   help="let a hub id missing from the local cache be downloaded")
+                   help="let a hub id missing from the local cache fetch its config files (kilobytes, "
+                        "never weights)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--export", choices=["accelerate", "deepspeed"],
                    help="print (or write with -o) an accelerate device map or a DeepSpeed ZeRO-3 config")
@@ -27,22 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def build_plan(model: str | None, profile, cost_model=None, allow_download: bool = False):
     """(Plan, model id, dtype reason, cost model: rates and a note saying where they came from).
-    The cost model uses the saved `doctor --bandwidth` measurement where there is one."""
-    from edge_runtime.policy.bandwidth import cost_model_from_measurement
-    from edge_runtime.models import registry
-    from edge_runtime.runtime.planning import plan_model, planning_dtype
+    Only config files are read (plan before download); the cost model uses the saved
+    `doctor --bandwidth` measurement where there is one."""
+    from edge_runtime.runtime.loader import resolve
 
-    spec = registry.resolve(model, allow_download=allow_download)
-    dtype, why = planning_dtype(profile)
-    if cost_model is None:
-        cost_model, cost_note = cost_model_from_measurement()
-    else:
-        cost_note = (f"cost model: host->device {cost_model.h2d_bytes_per_s / 1e9:.1f} GB/s, "
-                     f"disk read {cost_model.disk_bytes_per_s / 1e9:.1f} GB/s (given by the caller)")
-    result = plan_model(spec, profile, dtype, cost_model)
+    resolution = resolve(model, profile=profile, allow_download=allow_download, weights=False,
+                         cost_model=cost_model, for_tier=True)
+    cost_model = resolution.cost_model
     cost = {"h2d_bytes_per_s": cost_model.h2d_bytes_per_s, "disk_bytes_per_s": cost_model.disk_bytes_per_s,
-            "note": cost_note}
-    return result, spec.model_id, why, cost
+            "note": resolution.cost_note}
+    return resolution.plan, resolution.source.model_id, resolution.dtype_note, cost
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_runtime.runtime.engine import load
+    from edge_runtime.runtime.loader import load
 
     text = _read_text(args)
     fmt = args.format or audio.format_from_path(args.output)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise EdgeRuntimeError(f"the server needs the server extra ({exc.name} is missing): "
                                "pip install 'edge-runtime[server]'") from None
-    from edge_runtime.runtime.engine import load
+    from edge_runtime.runtime.loader import load
 
     if not 0 <= args.port <= 65535:
         raise EdgeRuntimeError(f"--port {args.port} is out of range; allowed: 0 to 65535")

@@ -16,13 +16,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from edge_runtime.models import registry
+    from edge_runtime.models.piper.catalog import voices_dir
 
     voices = registry.installed()
     if args.json:
-        print(json.dumps({"voices": voices, "voices_dir": str(registry.voices_dir())}, indent=2))
+        print(json.dumps({"voices": voices, "voices_dir": str(voices_dir())}, indent=2))
         return 0
     print(f"{'voice':32} {'source':12} path")
     for v in voices:
         print(f"{v['id']:32} {v['source']:12} {v['path']}")
-    print(f"\nextra voices are read from {registry.voices_dir()} (NAME.onnx + NAME.onnx.json)")
+    print(f"\nextra voices are read from {voices_dir()} (NAME.onnx + NAME.onnx.json)")
     return 0

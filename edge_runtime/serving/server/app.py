@@ -1,8 +1,10 @@
-"""The FastAPI app: wires one loaded Runtime to the scheduler, services, routes, errors and metrics.
+"""The FastAPI app: wires one loaded Runtime to the batch tuner, scheduler and worker, services,
+routes, errors and metrics.
 
-Lifespan: start-up warms the model (measuring the batch curve for `max_batch: auto`) on the
-inference worker before the first request is accepted; shut-down (after uvicorn has stopped
-accepting and finished in-flight requests) drains the scheduler and stops its worker thread.
+Lifespan: start-up warms the model (measuring the batch curve for `max_batch: auto`, within the
+plan's batch bound) on the inference worker before the first request is accepted; shut-down
+(after uvicorn has stopped accepting and finished in-flight requests) drains the scheduler and
+stops the worker thread.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from edge_runtime import __version__
+from edge_runtime.serving.batch_tuner import BatchTuner
 from edge_runtime.serving.scheduler import Scheduler
 from edge_runtime.serving.server.auth import APIKeyMiddleware
 from edge_runtime.serving.server.errors import install_error_handlers
@@ -23,17 +26,7 @@ from edge_runtime.serving.server.routes import build_router
 from edge_runtime.serving.server.settings import ServerSettings, log
 from edge_runtime.serving.server.speech import SpeechService
 from edge_runtime.serving.server.voice_store import VoiceStore
-
-
-def describe_batching(scheduler: Scheduler) -> str:
-    if not scheduler.auto:
-        return f"batching: max_batch {scheduler.max_batch}"
-    if not scheduler.batch_curve:
-        return (f"batching: max_batch auto -> {scheduler.max_batch} (not measured at start-up: no warm-up; "
-                "learned while serving)")
-    curve = ", ".join(f"{size}: {rps:.2f}" for size, rps in scheduler.batch_curve.items())
-    return (f"batching: max_batch auto -> {scheduler.max_batch} "
-            f"(measured requests/s by batch size: {curve})")
+from edge_runtime.serving.worker import Worker
 
 
 def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
@@ -44,23 +37,31 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler(runtime, max_batch=limits["max_batch"], max_wait_ms=limits["max_wait_ms"],
-                              queue_size=limits["queue_size"], request_timeout_s=limits["request_timeout_s"],
-                              on_batch=metrics.observe_batch)
-        await scheduler.start(warm_up=settings.warm_up)
-        metrics.watch_scheduler(scheduler)
+        # bounded by the plan's VRAM budget; a gather holds the head plus at most queue_size queued
+        tuner = BatchTuner.for_runtime(runtime, limits["max_batch"], max_size=limits["queue_size"] + 1)
+        worker = Worker(runtime, tuner, on_batch=metrics.observe_batch)
+        await worker.warm_up(settings.warm_up)
+        scheduler = Scheduler(tuner, max_wait_ms=limits["max_wait_ms"], queue_size=limits["queue_size"],
+                              request_timeout_s=limits["request_timeout_s"])
+        worker.start(scheduler)
+        metrics.watch_scheduler(scheduler, tuner)
         voices = VoiceStore(runtime, scheduler, settings.max_upload_bytes)
         app.state.scheduler = scheduler
+        app.state.tuner = tuner
         app.state.voices = voices
         app.state.speech = SpeechService(runtime, scheduler, voices, metrics)
         app.state.draining = False
         app.state.started_at = time.time()
-        settings.announce(describe_batching(scheduler))
+        settings.announce(tuner.describe())
+        warning = tuner.warning()
+        if warning:  # serve prints it with the other start-up lines; embedded, it is a logged warning
+            (log.warning if settings.announce == log.info else settings.announce)(f"warning: {warning}")
         try:
             yield
         finally:
             app.state.draining = True
             await scheduler.close(timeout=settings.shutdown_timeout_s)
+            await worker.close()
 
     app = FastAPI(title="edge_runtime", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible text-to-speech on the hardware you have.")

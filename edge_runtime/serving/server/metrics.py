@@ -90,23 +90,23 @@ class ServerMetrics:
                                         "max_batch auto: requests/s per batch size measured while serving "
                                         "(moving average; requests of the calibration text's length).",
                                         ["batch_size"], registry=registry)
-        self._scheduler: Any = None
+        self._tuner: Any = None
         registry.register(RuntimeCollector(runtime))
 
-    def watch_scheduler(self, scheduler: Any) -> None:
-        """Queue figures are read from the scheduler at scrape time; the batch curve once."""
+    def watch_scheduler(self, scheduler: Any, tuner: Any) -> None:
+        """Queue figures are read from the scheduler at scrape time; the start-up curve once."""
         self.queue_depth.set_function(lambda: scheduler.depth)
         self.in_flight.set_function(lambda: scheduler.running)
-        self.max_batch.set_function(lambda: scheduler.max_batch)  # auto refines it while serving
-        for size, rps in scheduler.batch_curve.items():
+        self.max_batch.set_function(lambda: tuner.current)  # auto refines it while serving
+        for size, rps in tuner.startup_curve.items():
             self.batch_curve.labels(batch_size=str(size)).set(rps)
-        self._scheduler = scheduler
+        self._tuner = tuner
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
-        if self._scheduler is not None:
-            for batch_size, rps in getattr(self._scheduler, "online_curve", {}).items():
+        if self._tuner is not None:
+            for batch_size, rps in self._tuner.online_curve.items():
                 self.batch_curve_online.labels(batch_size=str(batch_size)).set(rps)
 
     def observe_speech(self, *, stream: bool, latency_s: float, ttfa_s: float | None, audio_s: float,
