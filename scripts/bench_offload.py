@@ -79,18 +79,20 @@ class Workload:
             self.files = [store, *store.parent.glob("*.*.safetensors")]
         else:
             from edge_runtime.models import registry
-            from edge_runtime.runtime.planning import plan_model
-            from edge_runtime.policy.profiles import load_profile
-
-            profile = load_profile("6gb", (*PIPER_TIER, f"offload.target={target}"))
-            spec = registry.resolve(None)
-            plan = plan_model(spec, profile, torch.float32)
-            self.adapter = registry.load(None, device=str(device), dtype=torch.float32, plan=plan, backend=backend)
-            self.loaded = self.adapter.placement
-            self.files = [Path(self.loaded.details["store"])] if self.loaded and "store" in self.loaded.details else []
             from edge_runtime.models.piper.weights_cache import cached_weights
+            from edge_runtime.runtime.loader import load
 
-            self.files.append(cached_weights(spec.path, spec.config_path)[0])
+            # the runtime's own loader: the 6gb tier squeezed so the plan offloads, this backend;
+            # the resident baseline on the whole tier
+            squeeze = ("precision.dtype=fp32",) if backend == "resident" else (*PIPER_TIER, f"offload.backend={backend}")
+            where = "cpu" if backend == "deepspeed" and target == "disk" else target  # ZeRO-3 takes cpu|nvme
+            self.runtime = load(profile="6gb", overrides=(*squeeze, f"offload.target={where}"))
+            self.adapter = self.runtime.model
+            handle = self.runtime.placement_handle
+            self.loaded = handle.handles.get("") if handle is not None else None  # None: resident, direct
+            self.files = [Path(self.loaded.details["store"])] if self.loaded and "store" in self.loaded.details else []
+            source = registry.resolve(None)
+            self.files.append(cached_weights(source.path, source.files.get("config"))[0])
 
     def request(self) -> None:
         import torch

@@ -17,7 +17,11 @@ MiB = 1024 * 1024
 
 def governor(policy: str, *, every_n: int = 8, fragmentation_threshold: float = 0.25, malloc_trim: bool = True,
              **kwargs) -> MemoryGovernor:
-    """A governor from a schema-validated cleanup section, as the engine builds it."""
+    """A governor from a schema-validated cleanup section, as the engine builds it. Tests that inject
+    `stats` check decisions, not cleaning: those collect only the youngest generation (a full
+    collection walks pytest's whole heap, 0.2-0.5 s a call on a small machine)."""
+    if "stats" in kwargs:
+        kwargs.setdefault("gc_generation", 0)
     cleanup = Cleanup(policy=policy, every_n=every_n, fragmentation_threshold=fragmentation_threshold,
                       malloc_trim=malloc_trim)
     return MemoryGovernor(cleanup, **kwargs)
@@ -121,7 +125,7 @@ def test_governor_takes_the_profile_cleanup_section_as_it_is():
 
     profile = load_profile("cpu", ["cleanup.policy=every_n", "cleanup.every_n=2", "cleanup.malloc_trim=false",
                                    "cleanup.fragmentation_threshold=0.5"])
-    gov = MemoryGovernor(profile.cleanup, stats=FakeStats())
+    gov = MemoryGovernor(profile.cleanup, stats=FakeStats(), gc_generation=0)
     assert (gov.policy, gov.every_n, gov.threshold, gov.malloc_trim) == ("every_n", 2, 0.5, False)
     assert run(gov, 4) == [False, True, False, True]
 

@@ -68,3 +68,45 @@ def test_unknown_speaker_is_rejected(model):
         model.check_settings(SynthesisSettings(speaker="nobody"))
     with pytest.raises(InvalidInputError, match="out of range"):
         model.check_settings(SynthesisSettings(speaker=3))
+
+
+def test_weights_are_constants(model):
+    assert all(not m.training for m in model.components().values())
+    assert not any(p.requires_grad for p in model.vits.parameters())
+
+
+def test_fp32_component_boundary_is_explicit():
+    """bf16 everywhere except the fragile stages: their weights and inputs stay fp32."""
+    quiet = {"noise_scale": 0.0, "noise_w": 0.0}
+    runtime = edge_runtime.load(profile="cpu", overrides=(
+        "precision.dtype=bf16", "precision.fp32_components=[duration_predictor]"))
+    reference = edge_runtime.load(profile="cpu")
+    try:
+        if runtime.dtype.dtype != "bf16":
+            pytest.skip(f"this CPU cannot run bf16: {runtime.dtype.reason}")
+        comps = runtime.model.components()
+        assert {n: next(m.parameters()).dtype for n, m in comps.items()} == {
+            "text_encoder": torch.bfloat16, "duration_predictor": torch.float32,
+            "flow": torch.bfloat16, "decoder": torch.bfloat16}
+        inputs = {}
+
+        def record(name):
+            def hook(module, args):
+                inputs.setdefault(name, args[0].dtype)  # returns None: the inputs stay as they are
+            return hook
+
+        hooks = [m.register_forward_pre_hook(record(n)) for n, m in comps.items() if n != "text_encoder"]
+        text = "Precision boundaries are explicit."
+        audio, _ = runtime.synthesize(text, **quiet)
+        for h in hooks:
+            h.remove()
+        assert inputs == {"duration_predictor": torch.float32, "flow": torch.bfloat16, "decoder": torch.bfloat16}
+        ref, _ = reference.synthesize(text, **quiet)
+        assert audio.dtype == np.float32 and np.isfinite(audio).all()
+        # a bf16 text encoder may move a phoneme boundary by a frame; the speech stays the same
+        assert abs(len(audio) - len(ref)) <= 0.02 * len(ref)
+        loudness = np.sqrt(np.mean(audio ** 2) / np.mean(ref ** 2))
+        assert 0.8 <= loudness <= 1.25, loudness
+    finally:
+        runtime.close()
+        reference.close()

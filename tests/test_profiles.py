@@ -120,6 +120,7 @@ BAD = {
                                                            "allowed: a number of MiB > 0"]),
     "infinite vram": (None, ["memory.vram_gib=.inf"], ["memory.vram_gib = inf", "finite"]),
     "nan": (None, ["limits.max_prompt_seconds=.nan"], ["limits.max_prompt_seconds = nan", "finite"]),
+    "threads": (None, ["runtime.threads=100000"], ["runtime.threads = 100000", "allowed: an integer from 0 to 1024"]),
     "bad choice": ("extends: 8gb\nprecision:\n  dtype: int8\n", [],
                    ["precision.dtype", "'int8'", "auto, bf16, fp16 or fp32"]),
     "union": ("extends: 8gb\nbatching:\n  max_batch: 0\n", [], ["batching.max_batch", "auto or an integer >= 1"]),

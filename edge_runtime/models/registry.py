@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import ModelNotFoundError
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.models.base import ModelSource, SpeechModel
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
@@ -117,8 +117,8 @@ def recognise(folder: Path) -> type[SpeechModel]:
         raise ModelNotFoundError(f"cannot read {config}: {exc}") from None
     arch = (found.get("architectures") or [None])[0] if isinstance(found, dict) else None
     kind = found.get("model_type") if isinstance(found, dict) else None
-    raise ModelNotFoundError(f"unsupported architecture {arch!r} (model_type {kind!r}) in {config}; edge_runtime "
-                             f"runs the families {', '.join(f.family for f in families())}")
+    raise InvalidInputError(f"unsupported architecture {arch!r} (model_type {kind!r}) in {config}; edge_runtime "
+                            f"runs the families {', '.join(f.family for f in families())}")
 
 
 def installed() -> list[dict[str, Any]]:

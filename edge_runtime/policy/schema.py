@@ -116,7 +116,8 @@ class Limits(Section):
 class RuntimeSection(Section):
     """Process-wide settings applied by the engine."""
 
-    threads: int = key("an integer >= 0 (0 = every physical core)", ge=0)
+    # torch/OpenMP crash (SIGSEGV) on the first parallel op with ~100000 threads; 1024 runs (slowly).
+    threads: int = key("an integer from 0 to 1024 (0 = every physical core)", ge=0, le=1024)
     reuse_heap: bool = key("true or false", default=False)
 
 

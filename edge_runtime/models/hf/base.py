@@ -47,7 +47,7 @@ def architecture(folder: Path) -> str | None:
     return names[0] if isinstance(names, list) and names else None
 
 
-def codec_folder(source: ModelSource, subfolder: str) -> Path:
+def codec_folder(source: ModelSource, subfolder: str, label: str = "codec") -> Path:
     """The folder of the codec a processor holds: where processor_config.json points (a path
     relative to the model folder, an absolute path, or a hub id, resolved like the model itself:
     config files only when planning), else our ``subfolder`` beside the model's files."""
@@ -66,7 +66,7 @@ def codec_folder(source: ModelSource, subfolder: str) -> Path:
             return candidate
     if name and looks_like_hub_id(name):
         return locate(name, source.allow_download, weights=source.weights)[0]
-    raise ModelNotFoundError(f"the codec of {source.model_id} was not found: {folder / 'processor_config.json'} "
+    raise ModelNotFoundError(f"the {label} of {source.model_id} was not found: {folder / 'processor_config.json'} "
                              f"names {name or 'none'!r} and {folder / subfolder} does not exist; put the codec's "
                              "save_pretrained files (config.json, model.safetensors) there")
 

@@ -101,7 +101,7 @@ class DiaSpeechModel(HFSpeechModel):
         processor_config.json names (descript/dac_44khz for the published model)."""
         from transformers import DacConfig, DacModel
 
-        folder = codec_folder(source, CODEC_SUBFOLDER)
+        folder = codec_folder(source, CODEC_SUBFOLDER, "DAC codec")
         try:
             dac_config = DacConfig.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a missing or foreign codec config
@@ -294,5 +294,7 @@ def dac_layout(config, dtype: torch.dtype):
     layout = describe_model(model, {"codec": model}, set(), dtype, ("codec",))
     last_channels = int(config.decoder_hidden_size) // 2 ** len(config.upsampling_ratios)
     width = CODEC_ACTIVATION_COPIES * int(config.hop_length) * max(1, last_channels)
-    return layout.replace_component("codec", activation_width=width, batch_cap=1,
+    # stays resident: DiaProcessor calls its encode/decode methods (and its quantizers read their
+    # codebooks) outside forward(), where no placement hook can bring streamed weights in
+    return layout.replace_component("codec", activation_width=width, batch_cap=1, stays_resident=True,
                                     tokens_per_char=DIA_FRAMES_PER_S / SPEECH_CHARS_PER_S)

@@ -109,7 +109,7 @@ class PocketTTSSpeechModel(HFSpeechModel):
         latents to audio): where processor_config.json points, else audio_tokenizer/."""
         from transformers import PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel
 
-        folder = codec_folder(source, CODEC_SUBFOLDER)
+        folder = codec_folder(source, CODEC_SUBFOLDER, "audio tokenizer (codec)")
         try:
             codec_config = PocketTTSAudioTokenizerConfig.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a missing or foreign codec config
@@ -227,5 +227,6 @@ def codec_layout(config, frame_rate: float, dtype: torch.dtype):
     layout = describe_model(model, {"audio_tokenizer": model}, set(), dtype, ("audio_tokenizer",))
     samples_per_frame = int(round(float(config.sampling_rate) / frame_rate))
     width = CODEC_ACTIVATION_COPIES * samples_per_frame * int(config.num_filters)
-    return layout.replace_component("audio_tokenizer", activation_width=width, batch_cap=1,
+    # stays resident: the processor calls its encode/decode methods, outside forward()
+    return layout.replace_component("audio_tokenizer", activation_width=width, batch_cap=1, stays_resident=True,
                                     tokens_per_char=frame_rate / SPEECH_CHARS_PER_S)

@@ -65,6 +65,9 @@ class ComponentLayout:
     prefill_only: bool = False
     # Rows it runs at once whatever the batch (a codec decoding a batch row by row: 1); None = all.
     batch_cap: int | None = None
+    # Its model uses these weights outside forward() (a codec's encode/decode methods), where
+    # placement hooks cannot bring them in: the plan keeps it resident, like keep_resident.
+    stays_resident: bool = False
     # Tokens per character of the sentence when this component sees only the generated part (a codec
     # decoding the new frames, not the voice prompt's); None: it sees the whole request sequence.
     tokens_per_char: float | None = None

@@ -66,6 +66,7 @@ def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: Cost
     known = [k for k in keep if k in comps or any(_under(b.name, k) for b in layout.blocks)]
     if len(known) < len(keep):
         notes.append(f"keep_resident ignores names this model lacks: {sorted(set(keep) - set(known))}")
+    known += [c.name for c in layout.components if c.stays_resident and c.name not in known]
 
     if budget.cpu_only:
         notes.append("CPU-only profile: every block computes on the CPU")
