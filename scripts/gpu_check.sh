@@ -7,9 +7,10 @@
 # Steps (each under its own timeout; a failing step never stops the next one):
 #   env       nvidia-smi, torch/CUDA versions, compute capability, package versions
 #   pytest    every `gpu`-marked test (python -m pytest -m gpu tests)
-#   tiers     scripts/gpu_tiers.py on emulated 6/8/12/24 GiB tiers (resident, accelerate, streamer)
 #   offload   scripts/bench_offload.py on CUDA: the random stack (with per-backend peaks), the Piper voice
 #   soak      `edge-runtime soak`: a few requests, baseline vs all techniques, CUDA allocator statistics
+#   tiers     scripts/gpu_tiers.py on emulated 6/8/12/24 GiB tiers (resident, accelerate, streamer);
+#             last, as the longest: it gets what the budget has left (rows print as they finish)
 #
 # OUT_DIR receives at most 7 files: summary.md, summary.json (every step: command, exit status,
 # seconds, key figures, and the step's JSON inlined), gpu_tiers.json, offload_stack.json,
@@ -19,8 +20,8 @@
 #
 # Python: .venv/bin/python, set up first with ./launch.sh's install when .venv is missing. Set
 # GPU_CHECK_PYTHON to use another interpreter that has the project's dependencies (e.g. a machine
-# with no network, where launch.sh cannot install). GPU_CHECK_BUDGET_S (default 480) caps the
-# whole run; each step's timeout is cut to what is left of it.
+# with no network, where launch.sh cannot install). GPU_CHECK_BUDGET_S (default 450) caps the
+# steps; each step's timeout is cut to what is left of it (worst case ~7.7 minutes in all).
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT_DIR   (see the header of $0)" >&2; exit 64; }
@@ -58,7 +59,7 @@ STEPS=$WORK/steps.tsv
 : >"$STEPS"
 : >"$OUT/logs.txt"
 rm -f "$OUT"/{summary.md,summary.json,gpu_tiers.json,offload_stack.json,offload_piper.json,soak.json}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
 RESERVE=15  # seconds kept for the summary
 START=$(date +%s)
 
@@ -88,7 +89,7 @@ env_facts() {
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi || echo "nvidia-smi: exit $?"
         nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
-            --format=csv || true
+            --format=csv,noheader | sed 's/^/gpu (name, memory, driver, PCIe gen, width): /' || true
     else
         echo "nvidia-smi: not found"
     fi
@@ -120,27 +121,27 @@ EOF
 }
 export -f env_facts
 export PY WORK
-step env 60 bash -c env_facts
+step env 45 bash -c env_facts
 
 # -- (a) every gpu-marked test ----------------------------------------------------------------------
-step pytest 120 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider --junitxml="$WORK/pytest.xml"
-
-# -- (b) emulated VRAM tiers ------------------------------------------------------------------------
-# 64 layers (~5.5 GiB in bf16): the 6 GiB tier must offload, 8-24 GiB hold it resident. DeepSpeed is
-# left to the offload bench (its start-up alone would eat this step's time on 4 tiers).
-step tiers 170 "$PY" scripts/gpu_tiers.py --tiers 6,8,12,24 --backends resident,accelerate,streamer \
-    --layers 64 --tokens 128 --warmup 1 --repeats 3 --child-timeout 60 -o "$OUT/gpu_tiers.json"
+step pytest 110 "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider --junitxml="$WORK/pytest.xml"
 
 # -- (c) offload backends on CUDA -------------------------------------------------------------------
 # Two runs, so a slow model cannot cost the other its table: the 400 MB random stack with each
 # backend's peak VRAM (own processes), then the embedded Piper voice (latency only).
-step offload_stack 80 "$PY" scripts/bench_offload.py --models stack --repeats 3 --out "$OUT/offload_stack.json"
-step offload_piper 60 "$PY" scripts/bench_offload.py --models piper --repeats 3 --no-peaks \
+step offload_stack 75 "$PY" scripts/bench_offload.py --models stack --repeats 3 --out "$OUT/offload_stack.json"
+step offload_piper 55 "$PY" scripts/bench_offload.py --models piper --repeats 3 --no-peaks \
     --out "$OUT/offload_piper.json"
 
 # -- (d) short soak with CUDA statistics ------------------------------------------------------------
-step soak 75 "$PY" -m edge_runtime soak -n 8 --warmup 3 --configs baseline all -o "$WORK/soak"
+step soak 70 "$PY" -m edge_runtime soak -n 8 --warmup 3 --configs baseline all -o "$WORK/soak"
 [ -f "$WORK/soak/soak.json" ] && cp "$WORK/soak/soak.json" "$OUT/soak.json"
+
+# -- (b) emulated VRAM tiers ------------------------------------------------------------------------
+# 64 layers (~5.5 GiB in bf16): the 6 GiB tier must offload, 8-24 GiB hold it resident. DeepSpeed is
+# left to the offload bench (its start-up alone would eat this step's time on 4 tiers).
+step tiers 180 "$PY" scripts/gpu_tiers.py --tiers 6,8,12,24 --backends resident,accelerate,streamer \
+    --layers 64 --tokens 128 --warmup 1 --repeats 3 --child-timeout 60 -o "$OUT/gpu_tiers.json"
 
 # -- summary ----------------------------------------------------------------------------------------
 "$PY" - "$OUT" "$WORK" "$BUDGET" "$(($(date +%s) - START))" <<'PYEOF'
@@ -154,7 +155,9 @@ JSON = {"env": [work / "env.json"], "tiers": [out / "gpu_tiers.json"], "offload_
 TITLES = {"env": "(e) environment", "pytest": "(a) gpu-marked tests", "tiers": "(b) gpu_tiers.py, emulated tiers",
           "offload_stack": "(c) bench_offload.py, random stack", "offload_piper": "(c) bench_offload.py, Piper voice",
           "soak": "(d) edge-runtime soak, CUDA statistics"}
-BAD_ROW = ("failed", "crashed", "timed out")  # gpu_tiers rows that are faults, not findings
+# gpu_tiers rows that are faults: an OOM under a plan that said it fits is the planner wrong;
+# "does not fit (plan)" and "refused" (the streamer on a resident plan) are expected rows
+BAD_ROW = ("failed", "crashed", "timed out", "does not fit (OOM)")
 
 
 def load(path):
@@ -226,7 +229,8 @@ for row in (work / "steps.tsv").read_text().splitlines():
             if str(r.get("status", "")).startswith(BAD_ROW):
                 step["problems"].append(f"tier {r.get('tier_gib')} {r.get('backend')}: {r['status']}: "
                                         f"{str(r.get('error', '')).strip()[-200:]}")
-        step["lines"] = [line for line in log.splitlines() if line.startswith(("measured ", "checkpoint "))]
+        step["lines"] = [line.strip() for line in log.splitlines()  # rows print as they finish
+                         if line.startswith(("measured ", "checkpoint ")) or re.match(r"^  \d+ GiB ", line)]
     elif name.startswith("offload"):
         data = next(iter(step["outputs"].values()), None) or {}
         for r in data.get("rows", []):
@@ -241,7 +245,7 @@ for row in (work / "steps.tsv").read_text().splitlines():
             if s.get("cuda_peak_mib") is None:
                 step["problems"].append(f"{s['config']}: no CUDA statistics recorded (ran on the CPU?)")
     elif name == "env":
-        step["lines"] = [line.strip() for line in log.splitlines() if "Driver Version" in line]
+        step["lines"] = [line.strip() for line in log.splitlines() if line.startswith("gpu (name")]
     step["passed"] = not step["problems"]
     all_ok = all_ok and step["passed"]
     step["log_tail"] = log.splitlines()[-20:]
@@ -275,7 +279,7 @@ for s in steps:
         slow = sorted(t.get("cases", []), key=lambda c: -c["seconds"])[:5]
         if slow:
             md += ["", "slowest: " + ", ".join(f"{c['test'].split('::')[-1]} {c['seconds']:.1f} s" for c in slow)]
-    md += s["lines"]
+    md += [f"- {line}" for line in s["lines"]]
     for block in s["tables"]:
         md += ["", block]
     if s["log_tail"] and (not s["tables"] and s["name"] != "env" or s["problems"]):

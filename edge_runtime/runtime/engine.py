@@ -23,18 +23,10 @@ from edge_runtime.models.base import SpeechModel, SynthesisSettings
 from edge_runtime.paths import data_dir
 from edge_runtime.runtime.prompts import prepare_prompt
 from edge_runtime.runtime.telemetry import RequestTelemetry, TelemetryLog
-from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, check_voice_id, voice_key
+from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
+from edge_runtime.runtime.voices.keys import is_voice_id
 
 log = logging.getLogger(__name__)
-
-
-def _is_voice_id(text: str) -> bool:
-    """Voice ids are content hashes; any other string is a prompt file path."""
-    try:
-        check_voice_id(text)
-    except ValueError:
-        return False
-    return True
 
 
 def configure_threads(threads: int) -> int:
@@ -121,7 +113,7 @@ class Runtime:
         if isinstance(voice, tuple) and len(voice) == 2:  # (samples, sample_rate)
             _, prepared, hit = self.prepare_voice(voice[0], voice[1])
             return prepared, "hit" if hit else "miss"
-        if isinstance(voice, str) and _is_voice_id(voice):
+        if isinstance(voice, str) and is_voice_id(voice):
             cached = self.voice_cache.get(voice) or self._from_library(voice)
             if cached is None:
                 raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
