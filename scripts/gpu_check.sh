@@ -152,9 +152,9 @@ from pathlib import Path
 out, work, budget, elapsed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 JSON = {"env": [work / "env.json"], "tiers": [out / "gpu_tiers.json"], "offload_stack": [out / "offload_stack.json"],
         "offload_piper": [out / "offload_piper.json"], "soak": [out / "soak.json"]}
-TITLES = {"env": "(e) environment", "pytest": "(a) gpu-marked tests", "tiers": "(b) gpu_tiers.py, emulated tiers",
-          "offload_stack": "(c) bench_offload.py, random stack", "offload_piper": "(c) bench_offload.py, Piper voice",
-          "soak": "(d) edge-runtime soak, CUDA statistics"}
+TITLES = {"env": "environment", "pytest": "gpu-marked tests", "tiers": "gpu_tiers.py, emulated 6/8/12/24 GiB tiers",
+          "offload_stack": "bench_offload.py, random stack", "offload_piper": "bench_offload.py, Piper voice",
+          "soak": "edge-runtime soak, CUDA statistics"}
 # gpu_tiers rows that are faults: an OOM under a plan that said it fits is the planner wrong;
 # "does not fit (plan)" and "refused" (the streamer on a resident plan) are expected rows
 BAD_ROW = ("failed", "crashed", "timed out", "does not fit (OOM)")
@@ -282,7 +282,7 @@ for s in steps:
     md += [f"- {line}" for line in s["lines"]]
     for block in s["tables"]:
         md += ["", block]
-    if s["log_tail"] and (not s["tables"] and s["name"] != "env" or s["problems"]):
+    if s["log_tail"] and (s["problems"] or not (s["tables"] or s["lines"] or s["name"] in ("env", "pytest"))):
         md += ["", "log tail:", "```", *s["log_tail"], "```"]
 md += ["", "Files: summary.json (every step, its JSON inlined), gpu_tiers.json, offload_stack.json, "
        "offload_piper.json, soak.json, logs.txt (every step's full output)."]
