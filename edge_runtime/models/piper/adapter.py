@@ -125,12 +125,13 @@ class PiperModel(SpeechModel):
         """The VITS stages measured on a meta skeleton; the decoder's activations per output sample."""
         from accelerate import init_empty_weights
 
-        from edge_runtime.models.piper.vits import PiperVits
+        from edge_runtime.models.piper.vits import PiperVits, skip_weight_init
         from edge_runtime.models.piper.weights_cache import cached_weights
         from edge_runtime.policy.planner import CODEC_ACTIVATION_COPIES, describe_model
 
         _, _, hp = cached_weights(source.path, source.files.get("config"))
-        with init_empty_weights(include_buffers=False):
+        # no random init: on meta tensors it would import torch's compiler stack (seconds per process)
+        with skip_weight_init(), init_empty_weights(include_buffers=False):
             skeleton = PiperVits(hp)
         layout = describe_model(skeleton, cls.components_of(skeleton), autoregressive=(), dtype=dtype,
                                 fp32_components=fp32_components)

@@ -61,25 +61,27 @@ def run(args: argparse.Namespace) -> int:
     speaker = int(args.speaker) if args.speaker and args.speaker.isdigit() else args.speaker
     rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry,
               allow_download=args.allow_download)
-    voice = None
-    if args.voice is not None:
-        _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)
-    moved_before = rt.placement.get("bytes_moved", 0)
-    start = time.perf_counter()
-    samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
-                                  noise_w=args.noise_w, speaker=speaker, seed=args.seed)
-    elapsed = time.perf_counter() - start
-    path = audio.write(args.output, samples, rate, fmt)
-    duration = len(samples) / rate
-    rtf = elapsed / duration if duration else float("nan")
-    print(f"wrote {path} ({duration:.2f} s of audio at {rate} Hz, {fmt}); "
-          f"synthesis {elapsed:.2f} s, real-time factor {rtf:.3f}")
-    placed = rt.placement
-    if placed["backend"] != "resident":
-        mib = 1024 * 1024
-        print(f"placement: backend {placed['backend']} on {placed['device']}, "
-              f"{placed['resident_bytes'] / mib:.0f} MiB resident, {placed['streamed_bytes'] / mib:.0f} MiB "
-              f"streamed from {placed['target']}; "
-              f"{(placed['bytes_moved'] - moved_before) / mib:.0f} MiB moved in this request")
-    rt.close()
+    try:
+        voice = None
+        if args.voice is not None:
+            _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)
+        moved_before = rt.placement.get("bytes_moved", 0)
+        start = time.perf_counter()
+        samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
+                                      noise_w=args.noise_w, speaker=speaker, seed=args.seed)
+        elapsed = time.perf_counter() - start
+        path = audio.write(args.output, samples, rate, fmt)
+        duration = len(samples) / rate
+        rtf = elapsed / duration if duration else float("nan")
+        print(f"wrote {path} ({duration:.2f} s of audio at {rate} Hz, {fmt}); "
+              f"synthesis {elapsed:.2f} s, real-time factor {rtf:.3f}")
+        placed = rt.placement
+        if placed["backend"] != "resident":
+            mib = 1024 * 1024
+            print(f"placement: backend {placed['backend']} on {placed['device']}, "
+                  f"{placed['resident_bytes'] / mib:.0f} MiB resident, {placed['streamed_bytes'] / mib:.0f} MiB "
+                  f"streamed from {placed['target']}; "
+                  f"{(placed['bytes_moved'] - moved_before) / mib:.0f} MiB moved in this request")
+    finally:  # in-process callers (tests, embedding apps) get the memory back on errors too
+        rt.close()
     return 0
