@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv once (idempotent), then run edge-runtime.
 #   ./launch.sh                 main job: speak samples/sample.txt into out/sample.wav
-#   ./launch.sh test [ARGS]     python -m pytest -q tests [ARGS]
+#   ./launch.sh test [ARGS]     python -m pytest -q tests [ARGS] (builds the CosyVoice2 reference venv once)
 #   ./launch.sh doctor          hardware, chosen profile, installed backends
 #   ./launch.sh serve [ARGS]    HTTP server
 #   ./launch.sh ARGS...         edge-runtime ARGS...
@@ -37,6 +37,12 @@ case "${1-}" in
         exec edge-runtime say --text-file samples/sample.txt -o out/sample.wav ;;
     test)
         shift
+        # The CosyVoice2 reference the parity tests compare against: a scratch venv (.cosyvoice_ref/),
+        # built once (about 40 s) and again when its script changes; a failed build stops here.
+        if [ ! -f .cosyvoice_ref/.built ] || [ scripts/cosyvoice_reference.sh -nt .cosyvoice_ref/.built ]; then
+            bash scripts/cosyvoice_reference.sh >&2
+            touch .cosyvoice_ref/.built
+        fi
         exec python -m pytest -q tests "$@" ;;
     *)
         exec edge-runtime "$@" ;;

@@ -1,0 +1,259 @@
+"""Compute CosyVoice2 reference outputs with the reference package's own modules.
+
+Run with the reference venv's python (built by scripts/cosyvoice_reference.sh):
+
+    .cosyvoice_ref/bin/python scripts/cosyvoice_reference_run.py MODEL_DIR OUT.npz < request.json
+    .cosyvoice_ref/bin/python scripts/cosyvoice_reference_run.py MODEL_DIR OUT.npz --request req.json
+
+MODEL_DIR is a CosyVoice2 folder in the official layout (see scripts/cosyvoice_testmodel.py).
+The request is a JSON object; every field is optional:
+
+    stages               list of "lm_logits", "lm_sample", "flow", "hift", "stream"
+                         (default: all but "stream")
+    text_ids             target text token ids                      (default [11, 12, 13, 14, 15])
+    prompt_text_ids      prompt text token ids                      (default [])
+    prompt_speech_tokens prompt speech tokens, 0..6560              (default [])
+    speech_tokens        tokens for "flow"/"stream"                 (default: seeded random, 30)
+    embedding            192 floats (speaker embedding)             (default: seeded randn)
+    prompt_feat          [frames][80] prompt mel, frames = 2 * len(prompt_speech_tokens)
+                         (default: seeded randn of that size)
+    mel                  [80][frames] input mel for "hift"          (default: the "flow" mel, else
+                                                                     seeded randn of 2 * 30 frames)
+    seed                 int, torch seed set before every stage     (default 0)
+    noise_seed           int: flow noise = randn(1, 80, 15000) from a Generator with this seed;
+                         absent/null: upstream's own noise (drawn after seed(0) at construction)
+    min_token_text_ratio, max_token_text_ratio   for "lm_sample"   (default 2, 20)
+    inputs_npz           path of an .npz whose arrays override the JSON fields of the same name
+                         (embedding [1,192], prompt_feat [1,F,80], mel [1,80,F], noise [1,80,N])
+
+Written to OUT.npz (float32 / int64), only for the stages run:
+    lm_input_embeds [1,L,D], lm_logits [1,L,V+3]  V = speech_token_size (logits of every position
+                                                  of [sos, prompt_text+text, task_id, prompt_speech])
+    lm_tokens [N]                                 Qwen2LM.inference (ras_sampling) under torch seed
+    flow_mel [1,80,2*T]                           flow.inference(streaming=False, finalize=True)
+    hift_wav [1,S], hift_source [1,1,S]           hift.inference under torch seed, S = frames*480
+    stream_wav_K [1,*], stream_mel_K [1,80,*]     chunks of upstream's token2wav streaming loop
+    stream_wav [1,*]                              the chunks concatenated
+    in_*                                          the inputs actually used (for the parity side)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+SECTIONS = ("llm", "flow", "hift")  # the yaml keys built here; the rest needs whisper/librosa
+
+
+def trimmed_yaml(text: str) -> str:
+    """Keep the scalar 'fixed params' and the llm/flow/hift blocks of an upstream yaml.
+
+    Upstream's yaml also names the tokenizer, feature extractor and training pipeline,
+    whose modules import whisper/librosa/pyarrow; loading them is not needed here.
+    """
+    out, keep = [], False
+    for line in text.splitlines():
+        top = re.match(r"^([A-Za-z_][\w]*):(.*)$", line)
+        if top:
+            key, rest = top.group(1), top.group(2).strip()
+            scalar = rest and not rest.startswith("!") and not rest.startswith("[")
+            keep = key in SECTIONS or (scalar and not key.startswith("__"))
+        if keep:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def fit_tiny_encoder(flow: torch.nn.Module) -> None:
+    """The reference's UpsampleConformerEncoder hard-codes 512 channels for its pre-lookahead
+    and upsample layers; a tiny yaml (output_size != 512) gets those two rebuilt with the
+    same reference classes at the yaml's width, as upstream's later code does."""
+    from cosyvoice.transformer.upsample_encoder import PreLookaheadLayer, Upsample1D
+
+    enc = flow.encoder
+    width = enc.output_size()
+    if enc.pre_lookahead_layer.channels != width:
+        enc.pre_lookahead_layer = PreLookaheadLayer(channels=width, pre_lookahead_len=flow.pre_lookahead_len)
+    if enc.up_layer.channels != width:
+        enc.up_layer = Upsample1D(channels=width, out_channels=width, stride=enc.up_layer.stride)
+
+
+def build_modules(model_dir: str) -> dict:
+    """Build llm/flow/hift from MODEL_DIR/cosyvoice2.yaml exactly as upstream does
+    (hyperpyyaml, qwen_pretrain_path overridden to CosyVoice-BlankEN), random-initialised."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(os.path.join(model_dir, "cosyvoice2.yaml")) as f:
+        text = trimmed_yaml(f.read())
+    cfg = load_hyperpyyaml(text, overrides={"qwen_pretrain_path": os.path.join(model_dir, "CosyVoice-BlankEN")})
+    fit_tiny_encoder(cfg["flow"])
+    # transformers 5 keeps the saved dtype in from_pretrained (bf16 for the published BlankEN),
+    # transformers 4 gave fp32; the reference runs in fp32 as upstream did.
+    return {k: cfg[k].float() for k in SECTIONS} | {"sample_rate": cfg.get("sample_rate", 24000)}
+
+
+def load_model(model_dir: str) -> dict:
+    """build_modules + the folder's llm.pt/flow.pt/hift.pt, loaded as upstream does (strict)."""
+    m = build_modules(model_dir)
+    for name in SECTIONS:
+        sd = torch.load(os.path.join(model_dir, f"{name}.pt"), map_location="cpu", weights_only=True)
+        m[name].load_state_dict(sd, strict=True)
+        m[name].eval()
+    return m
+
+
+def _arr(req: dict, key: str, default):
+    v = req.get(key)
+    return default if v is None else torch.as_tensor(np.asarray(v, dtype=np.float32))
+
+
+def run(model_dir: str, req: dict) -> dict[str, np.ndarray]:
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if req.get("inputs_npz"):
+        with np.load(req["inputs_npz"]) as z:
+            req = req | {k: z[k] for k in z.files}
+    m = load_model(model_dir)
+    llm, flow, hift = m["llm"], m["flow"], m["hift"]
+    stages = req.get("stages") or ["lm_logits", "lm_sample", "flow", "hift"]
+    seed = int(req.get("seed", 0))
+    gen = torch.Generator().manual_seed(seed)  # inputs not given are drawn from this
+
+    def ids(key, default):  # any int list/array -> [1, N] int32, as upstream's frontend makes them
+        v = req.get(key)
+        return torch.tensor(np.asarray(default if v is None else v, dtype=np.int64).reshape(1, -1), dtype=torch.int32)
+
+    text = ids("text_ids", [11, 12, 13, 14, 15])
+    prompt_text = ids("prompt_text_ids", [])
+    prompt_tok = ids("prompt_speech_tokens", [])
+    tokens = ids("speech_tokens", torch.randint(0, 6561, (30,), generator=gen).tolist())
+    emb = _arr(req, "embedding", torch.randn(1, 192, generator=gen)).reshape(1, 192)
+    ratio = flow.token_mel_ratio
+    prompt_feat = _arr(req, "prompt_feat", torch.randn(1, ratio * prompt_tok.shape[1], 80, generator=gen))
+    prompt_feat = prompt_feat.reshape(1, -1, 80)
+    out = {"in_text_ids": text.numpy(), "in_prompt_text_ids": prompt_text.numpy(),
+           "in_prompt_speech_tokens": prompt_tok.numpy(), "in_speech_tokens": tokens.numpy(),
+           "in_embedding": emb.numpy(), "in_prompt_feat": prompt_feat.numpy()}
+
+    # Flow noise: upstream uses a fixed buffer drawn at construction after seed(0).
+    if req.get("noise") is not None:
+        flow.decoder.rand_noise = _arr(req, "noise", None).reshape(1, 80, -1)
+    elif req.get("noise_seed") is not None:
+        g = torch.Generator().manual_seed(int(req["noise_seed"]))
+        flow.decoder.rand_noise = torch.randn(1, 80, 50 * 300, generator=g)
+
+    with torch.inference_mode():
+        if "lm_logits" in stages:
+            # Same input layout as Qwen2LM.inference: [sos, prompt_text + text, task_id, prompt_speech].
+            all_text = torch.cat([prompt_text, text], dim=1)
+            parts = [llm.llm_embedding.weight[llm.sos_eos].reshape(1, 1, -1),
+                     llm.llm.model.model.embed_tokens(all_text),
+                     llm.llm_embedding.weight[llm.task_id].reshape(1, 1, -1),
+                     llm.speech_embedding(prompt_tok)]
+            x = torch.cat(parts, dim=1)
+            h, _ = llm.llm(x, torch.tensor([x.shape[1]], dtype=torch.int32))
+            out["lm_input_embeds"] = x.numpy()
+            out["lm_logits"] = llm.llm_decoder(h).numpy()
+
+        if "lm_sample" in stages:
+            torch.manual_seed(seed)
+            toks = list(llm.inference(
+                text=text, text_len=torch.tensor([text.shape[1]], dtype=torch.int32),
+                prompt_text=prompt_text, prompt_text_len=torch.tensor([prompt_text.shape[1]], dtype=torch.int32),
+                prompt_speech_token=prompt_tok,
+                prompt_speech_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
+                embedding=torch.zeros(1, 0), sampling=25,
+                max_token_text_ratio=float(req.get("max_token_text_ratio", 20)),
+                min_token_text_ratio=float(req.get("min_token_text_ratio", 2))))
+            out["lm_tokens"] = np.asarray(toks, dtype=np.int64)
+
+        if "flow" in stages:
+            torch.manual_seed(seed)
+            mel, _ = flow.inference(
+                token=tokens, token_len=torch.tensor([tokens.shape[1]], dtype=torch.int32),
+                prompt_token=prompt_tok, prompt_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
+                prompt_feat=prompt_feat, prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32),
+                embedding=emb, streaming=False, finalize=True)
+            out["flow_mel"] = mel.numpy()
+
+        if "hift" in stages:
+            if req.get("mel") is not None:
+                mel_in = _arr(req, "mel", None).reshape(1, 80, -1)
+            elif "flow_mel" in out:
+                mel_in = torch.from_numpy(out["flow_mel"])
+            else:
+                mel_in = torch.randn(1, 80, 2 * 30, generator=gen)
+            torch.manual_seed(seed)  # the NSF source draws phases and noise from the global RNG
+            wav, source = hift.inference(speech_feat=mel_in)
+            out |= {"in_mel": mel_in.numpy(), "hift_wav": wav.numpy(), "hift_source": source.numpy()}
+
+    if "stream" in stages:
+        out |= stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed)
+    return out
+
+
+def stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed) -> dict[str, np.ndarray]:
+    """Upstream's streaming schedule (CosyVoice2Model.tts, stream=True) over a fixed token list:
+    hop 25 tokens (+ padding of the prompt to a multiple of 25 on the first chunk) + 3 lookahead,
+    each chunk re-running the flow over all tokens so far and vocoding with the 8-frame mel /
+    source cache and Hamming cross-fade of CosyVoice2Model.token2wav (the reference's own code)."""
+    from cosyvoice.cli.model import CosyVoice2Model
+
+    model = CosyVoice2Model(llm=None, flow=flow, hift=hift, fp16=False)
+    mels = []
+    real_inference = flow.inference
+
+    def recording_inference(*a, **k):  # keep each chunk's flow mel for the parity side
+        mel, cache = real_inference(*a, **k)
+        mels.append(mel.numpy())
+        return mel, cache
+
+    flow.inference = recording_inference
+    uid = "ref"
+    model.hift_cache_dict[uid] = None
+    hop, look = model.token_hop_len, flow.pre_lookahead_len
+    pad = int(np.ceil(prompt_tok.shape[1] / hop) * hop - prompt_tok.shape[1])
+    all_tok = tokens[0].tolist()
+    wavs, offset = [], 0
+    torch.manual_seed(seed)
+    while True:
+        this_hop = hop + pad if offset == 0 else hop
+        if len(all_tok) - offset < this_hop + look:
+            break
+        chunk = torch.tensor([all_tok[:offset + this_hop + look]])
+        wavs.append(model.token2wav(token=chunk, prompt_token=prompt_tok, prompt_feat=prompt_feat,
+                                    embedding=emb, token_offset=offset, uuid=uid, stream=True, finalize=False))
+        offset += this_hop
+    wavs.append(model.token2wav(token=torch.tensor([all_tok]), prompt_token=prompt_tok, prompt_feat=prompt_feat,
+                                embedding=emb, token_offset=offset, uuid=uid, finalize=True))
+    flow.inference = real_inference
+    res = {f"stream_wav_{i}": w.numpy() for i, w in enumerate(wavs)}
+    res |= {f"stream_mel_{i}": mm for i, mm in enumerate(mels)}
+    res["stream_wav"] = torch.cat(wavs, dim=1).numpy()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model_dir")
+    p.add_argument("out_npz")
+    p.add_argument("--request", help="JSON file (default: read JSON from stdin; empty stdin = defaults)")
+    a = p.parse_args(argv)
+    if a.request:
+        with open(a.request) as f:
+            req = json.load(f)
+    else:
+        raw = "" if sys.stdin.isatty() else sys.stdin.read()
+        req = json.loads(raw) if raw.strip() else {}
+    out = run(a.model_dir, req)
+    np.savez(a.out_npz, **{k: np.asarray(v) for k, v in out.items()})
+    print(json.dumps({k: list(np.shape(v)) for k, v in out.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Test helper: the CosyVoice2 reference (random weights) through its scratch venv.
+
+The reference lives in .cosyvoice_ref (built by scripts/cosyvoice_reference.sh) and is only ever
+run as a subprocess, so none of its packages or stubs leak into the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+BUILD_HINT = "bash scripts/cosyvoice_reference.sh"
+
+# Official file names of a CosyVoice2-0.5B folder.
+OFFICIAL_FILES = (
+    "cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx",
+    "CosyVoice-BlankEN/config.json", "CosyVoice-BlankEN/vocab.json", "CosyVoice-BlankEN/merges.txt",
+)
+
+
+def reference_python() -> Path | None:
+    """The reference venv's interpreter (COSYVOICE_REF overrides the folder), or None."""
+    ref = Path(os.environ.get("COSYVOICE_REF", ROOT / ".cosyvoice_ref"))
+    py = ref / "bin" / "python"
+    return py if py.is_file() and os.access(py, os.X_OK) else None
+
+
+def require_reference() -> Path:
+    """The reference python, or skip the calling test saying how to build it."""
+    py = reference_python()
+    if py is None:
+        pytest.skip(f"CosyVoice2 reference venv (.cosyvoice_ref) missing: build it with `{BUILD_HINT}`")
+    return py
+
+
+def _run(cmd: list[str], stdin: str | None = None, timeout: float = 600) -> str:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr[-4000:]}")
+    return res.stdout
+
+
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, seed: int = 0) -> Path:
+    """A tiny random CosyVoice2 folder, written once per test session (pytest's tmp dir)."""
+    py = require_reference()
+    root = tmp_path_factory.getbasetemp() / f"cosyvoice2-tiny-{seed}"
+    if not (root / "spk2info.pt").is_file():  # spk2info.pt is written last
+        _run([str(py), str(SCRIPTS / "cosyvoice_testmodel.py"), str(root), "--size", "tiny", "--seed", str(seed)])
+    return root
+
+
+def run_reference(model_dir: Path, request: dict, out: Path) -> dict[str, np.ndarray]:
+    """Run scripts/cosyvoice_reference_run.py on model_dir with request; the npz as a dict."""
+    py = require_reference()
+    _run([str(py), str(SCRIPTS / "cosyvoice_reference_run.py"), str(model_dir), str(out)], stdin=json.dumps(request))
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
