@@ -20,11 +20,16 @@ The request is a JSON object; every field is optional:
     mel                  [80][frames] input mel for "hift"          (default: the "flow" mel, else
                                                                      seeded randn of 2 * 30 frames)
     seed                 int, torch seed set before every stage     (default 0)
+    hift_phase           [B][9] initial harmonic phases (cycles) for "hift": replaces the
+                         source's torch.rand draw                    (default: drawn under seed)
+    hift_noise           [B][S][9] standard-normal source noise for "hift", S = frames*480:
+                         replaces the source's randn_like draw       (default: drawn under seed)
     noise_seed           int: flow noise = randn(1, 80, 15000) from a Generator with this seed;
                          absent/null: upstream's own noise (drawn after seed(0) at construction)
     min_token_text_ratio, max_token_text_ratio   for "lm_sample"   (default 2, 20)
     inputs_npz           path of an .npz whose arrays override the JSON fields of the same name
-                         (embedding [1,192], prompt_feat [1,F,80], mel [1,80,F], noise [1,80,N])
+                         (embedding [1,192], prompt_feat [1,F,80], mel [1,80,F], noise [1,80,N],
+                         hift_phase [1,9], hift_noise [1,S,9])
 
 Written to OUT.npz (float32 / int64), only for the stages run:
     lm_input_embeds [1,L,D], lm_logits [1,L,V+3]  V = speech_token_size (logits of every position
@@ -40,6 +45,7 @@ Written to OUT.npz (float32 / int64), only for the stages run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -105,6 +111,42 @@ def load_model(model_dir: str) -> dict:
         m[name].load_state_dict(sd, strict=True)
         m[name].eval()
     return m
+
+
+@contextlib.contextmanager
+def injected_source_randomness(hift, phase, noise):
+    """Make the NSF sine generator (SineGen2) of `hift` use the given initial phases and noise
+    instead of its torch.rand / torch.randn_like draws; its own code runs unchanged otherwise.
+    Either may be None (that draw stays random)."""
+    sine_gen = hift.m_source.l_sin_gen
+    real_forward = sine_gen.forward
+
+    def forward(f0):
+        real_rand, real_randn_like = torch.rand, torch.randn_like
+
+        def rand(*size, **kw):
+            shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+            assert tuple(phase.shape) == tuple(shape), (tuple(phase.shape), shape)
+            return phase.clone()
+
+        def randn_like(t, **kw):
+            assert tuple(noise.shape) == tuple(t.shape), (tuple(noise.shape), tuple(t.shape))
+            return noise.clone().to(t.dtype)
+
+        if phase is not None:
+            torch.rand = rand
+        if noise is not None:
+            torch.randn_like = randn_like
+        try:
+            return real_forward(f0)
+        finally:
+            torch.rand, torch.randn_like = real_rand, real_randn_like
+
+    sine_gen.forward = forward
+    try:
+        yield
+    finally:
+        del sine_gen.forward
 
 
 def _arr(req: dict, key: str, default):
@@ -188,8 +230,12 @@ def run(model_dir: str, req: dict) -> dict[str, np.ndarray]:
             else:
                 mel_in = torch.randn(1, 80, 2 * 30, generator=gen)
             torch.manual_seed(seed)  # the NSF source draws phases and noise from the global RNG
-            wav, source = hift.inference(speech_feat=mel_in)
+            phase = _arr(req, "hift_phase", None)
+            noise = _arr(req, "hift_noise", None)
+            with injected_source_randomness(hift, phase, noise):
+                wav, source = hift.inference(speech_feat=mel_in)
             out |= {"in_mel": mel_in.numpy(), "hift_wav": wav.numpy(), "hift_source": source.numpy()}
+            out |= {f"in_hift_{k}": v.numpy() for k, v in (("phase", phase), ("noise", noise)) if v is not None}
 
     if "stream" in stages:
         out |= stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed)
