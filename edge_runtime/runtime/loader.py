@@ -144,10 +144,8 @@ class Placement:
         """Backend, plan summary and transfer counters summed over sub-models (``bytes_moved``
         counts since load: subtract two readings for one request)."""
         main = self.handles.get("")
-        out: dict[str, Any] = {"backend": self.backend, "device": self.device}
-        if main is not None:
-            out.update(main.describe())
-        out["backend"] = self.backend
+        out: dict[str, Any] = {"device": self.device, **(main.describe() if main is not None else {})}
+        out["backend"] = self.backend  # the plan's backend, whichever a sub-model fell back to
         for key in ("bytes_moved", "loads", "waits_s"):
             out[key] = sum(h.stats.to_dict()[key] for h in self.handles.values())
         if len(self.handles) > 1:

@@ -20,6 +20,7 @@ hooks; the streamer is that plus prefetch). DeepSpeed is imported only when aske
 
 from __future__ import annotations
 
+from edge_runtime.policy.planner.backend_choice import auto_backend as choose_backend
 from edge_runtime.runtime.backends.base import Backend, BackendError, LoadedModel, LoadRequest, TransferStats
 from edge_runtime.runtime.backends.checkpoint import open_checkpoint
 
@@ -46,17 +47,8 @@ def get_backend(name: str) -> Backend:
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
 
 
-def choose_backend(plan) -> str:
-    """The backend ``auto`` means for this plan."""
-    if not plan.offloaded or plan.cpu_only:
-        return "resident"
-    if plan.backend == "deepspeed" or plan.target == "nvme":
-        return "deepspeed"
-    return "streamer"
-
-
 def load_model(request: LoadRequest, backend: str = "auto") -> LoadedModel:
-    """Load ``request`` with ``backend`` (``auto``: see choose_backend)."""
+    """Load ``request`` with ``backend`` (``auto``: the policy's choice for its plan)."""
     name = choose_backend(request.plan) if backend == "auto" else backend
     return get_backend(name).load(request)
 
