@@ -243,10 +243,12 @@ def write_onnx_standins(out: str, seed: int) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    # campplus: fbank [B,T,80] -> mean over time -> Linear 80->192 -> [B,192]
+    # campplus: fbank [B,T,80] -> mean of squares over time -> Linear 80->192 -> [B,192]
     w = numpy_helper.from_array((rng.standard_normal((80, 192)) * 0.1).astype(np.float32), "w")
     g = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
+        # squared first: the real input is mean-subtracted fbank, whose plain time average is ~0
+        [helper.make_node("Mul", ["input", "input"], ["squared"]),
+         helper.make_node("ReduceMean", ["squared", "axes"], ["pooled"], keepdims=0),
          helper.make_node("MatMul", ["pooled", "w"], ["output"])],
         "campplus_standin",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "T", 80])],

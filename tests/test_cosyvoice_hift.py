@@ -24,10 +24,9 @@ FRAMES = 60
 SAMPLES = FRAMES * 480
 
 
-@pytest.fixture(scope="module")
-def voiced_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny folder with its F0 head rescaled so most frames are voiced (random weights give
-    F0 < 1 Hz everywhere, which would leave the harmonic part of the source untested)."""
+def voiced_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny folder with its F0 head rescaled so most frames are voiced (random weights
+    give F0 < 1 Hz everywhere, which would leave the harmonic part of the source untested)."""
     require_reference()
     src = tiny_model_dir(tmp_path_factory)
     dst = tmp_path_factory.mktemp("hift") / "voiced"
@@ -37,6 +36,11 @@ def voiced_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sd["f0_predictor.classifier.bias"] = torch.full_like(sd["f0_predictor.classifier.bias"], 60.0)
     torch.save(sd, dst / "hift.pt")
     return dst
+
+
+@pytest.fixture(scope="module")
+def voiced_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return voiced_copy(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

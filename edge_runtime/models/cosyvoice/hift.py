@@ -13,8 +13,8 @@ in (``phase``, ``noise``) or drawn from a per-call ``torch.Generator`` (seed 0 w
 the global RNG is never touched. Drawn from a generator seeded ``s`` they equal what upstream draws
 after ``torch.manual_seed(s)`` on the CPU.
 
-Offline only for now: ``forward(mel)`` vocodes a whole mel. Upstream's streaming path (8-frame mel
-cache, source cache and Hamming cross-fade) is not implemented yet.
+``forward(mel)`` vocodes a whole mel; upstream's chunked vocoding (8-frame mel cache, source cache,
+Hamming cross-fade) and its ``speed`` resampling are :mod:`.hift_stream`, built on ``source``/``decode``.
 """
 
 from __future__ import annotations
@@ -184,10 +184,15 @@ class HarmonicSource(nn.Module):
         """(phase [B, H+1] uniform in [0, 1), noise [B, samples, H+1] standard normal), in the order
         and memory layout upstream draws them: its noise tensor is channel-major (a transposed view),
         and torch fills a non-contiguous tensor with a different sampler than a contiguous one, so the
-        draw goes into the same strided view (on CPU this equals upstream's values exactly)."""
+        draw goes into the same strided view (on CPU this equals upstream's values exactly).
+
+        Upstream's source module then draws a [B, samples, 1] noise branch that inference discards;
+        it is drawn here too, so that successive calls (a stream's chunks) stay in step with what
+        upstream's global RNG yields after one seed."""
         phase = torch.rand(batch, self.harmonics, generator=generator, device=device)
         noise = torch.empty(batch, self.harmonics, samples, device=device).transpose(1, 2)
         noise.normal_(generator=generator)
+        torch.empty(batch, samples, 1, device=device).normal_(generator=generator)
         return phase, noise
 
     def forward(self, f0: torch.Tensor, phase: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,308 @@
+"""CosyVoice2's speech-token language model, written for edge_runtime.
+
+A Qwen2.5-0.5B decoder (transformers' ``Qwen2ForCausalLM``; its text head is never run) reads
+
+    [sos, embed_text(prompt_text + text), task_id, speech_embedding(prompt speech tokens)]
+
+and continues it with speech tokens (0..6560 = 25 Hz FSQ codes; 6561 = end of speech), each
+sampled with RAS (:mod:`.sampling`) from ``llm_decoder`` (hidden -> 6564 scores) and fed back
+through ``speech_embedding``. Prompt text and prompt speech tokens come from the voice prompt
+(zero-shot cloning); an instruction + ``<|endofprompt|>`` in place of the prompt text and no prompt
+speech is the instruct mode; neither is the cross-lingual mode.
+
+Parameter names and shapes are upstream's ``Qwen2LM`` ones (``llm.model.model.*``,
+``llm.model.lm_head.weight``, ``speech_embedding``, ``llm_embedding``, ``llm_decoder``), so
+``llm.pt`` loads with ``strict=True``. Construction does no data-dependent work: the model can be
+built on the meta device (or with accelerate's ``init_empty_weights``) and filled afterwards.
+
+Decoding (:meth:`CosyVoice2LM.generate`) follows upstream's loop step for step (lengths, EOS
+re-draws, dropped task/fill ids), so with a ``torch.Generator`` seeded ``s`` it yields the tokens
+upstream yields after ``torch.manual_seed(s)`` -- upstream as it behaves with the transformers 4
+it was written for: under transformers 5 its one-step mask (length 1) is right-padded with
+"masked", so each of its decoding steps attends to the first position only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+from edge_runtime.errors import InvalidInputError, ModelNotFoundError, RequestFailedError
+from edge_runtime.models.cosyvoice import yaml_config
+from edge_runtime.models.cosyvoice.sampling import RASSettings, ras_sampling
+
+IdsLike = Sequence[int] | torch.Tensor | np.ndarray
+
+# transformers 5 names the decoder's cache argument ``cache`` (``past_key_values`` still works,
+# with a deprecation warning, until 5.40); transformers 4 only knows ``past_key_values``.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+# Upstream re-draws an end-of-speech sampled before the minimum length up to 100 times.
+_EOS_REDRAWS = 100
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Everything the LM is built from: the backbone's ``config.json`` (as a dict) and the numbers
+    of the ``llm`` section of ``cosyvoice2.yaml`` (defaults: CosyVoice2-0.5B's)."""
+
+    qwen: dict[str, Any] = field(hash=False)
+    speech_token_size: int = 6561
+    llm_input_size: int = 896
+    llm_output_size: int = 896
+    sampling: RASSettings = RASSettings()
+
+    @property
+    def eos(self) -> int:
+        """End of speech: the first id after the speech codes."""
+        return self.speech_token_size
+
+    @property
+    def speech_vocab(self) -> int:
+        """Rows of ``speech_embedding`` / outputs of ``llm_decoder``: codes + eos, task id, fill."""
+        return self.speech_token_size + 3
+
+    def qwen_config(self) -> Qwen2Config:
+        """The backbone's transformers config, set to run attention through SDPA."""
+        return Qwen2Config.from_dict(dict(self.qwen), attn_implementation="sdpa")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> LMConfig:
+        """Read ``cosyvoice2.yaml`` (tags ignored) and ``CosyVoice-BlankEN/config.json``."""
+        folder = Path(folder)
+        yaml_path, json_path = folder / "cosyvoice2.yaml", folder / "CosyVoice-BlankEN" / "config.json"
+        missing = [str(p) for p in (yaml_path, json_path) if not p.is_file()]
+        if missing:
+            raise ModelNotFoundError(f"not a CosyVoice2 model folder: missing {', '.join(missing)}")
+        llm = yaml_config.load(yaml_path).get("llm")
+        if not isinstance(llm, dict):
+            raise InvalidInputError(f"{yaml_path}: no 'llm' section (a CosyVoice2 yaml has one)")
+        try:
+            qwen = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InvalidInputError(f"{json_path}: not readable JSON ({e})") from e
+        if not isinstance(qwen, dict) or qwen.get("model_type") != "qwen2" or "hidden_size" not in qwen:
+            raise InvalidInputError(f"{json_path}: expected a Qwen2 config (model_type 'qwen2' with hidden_size)")
+        defaults = {f.name: f.default for f in fields(cls)}
+        try:
+            sizes = {k: int(llm.get(k, defaults[k]))
+                     for k in ("speech_token_size", "llm_input_size", "llm_output_size")}
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"{yaml_path}: llm section has a non-integer size ({e})") from e
+        cfg = cls(qwen=qwen, sampling=RASSettings.from_section(llm.get("sampling")), **sizes)
+        hidden = qwen["hidden_size"]
+        if not cfg.llm_input_size == cfg.llm_output_size == hidden:
+            raise InvalidInputError(
+                f"{yaml_path}: llm_input_size {cfg.llm_input_size} / llm_output_size {cfg.llm_output_size} "
+                f"must both equal hidden_size {hidden} of {json_path}")
+        return cfg
+
+
+class QwenBackbone(nn.Module):
+    """Holds ``Qwen2ForCausalLM`` as ``model`` (upstream's ``Qwen2Encoder`` layout). Only its
+    embedding table and decoder stack run: CosyVoice2 never uses the text head (``lm_head``)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.model = Qwen2ForCausalLM(config)
+
+    def forward(self, embeds: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Embeddings [1, L, D] -> last hidden states [1, L, D] (after the final norm). With a
+        cache, the embeddings continue what it holds and are appended to it."""
+        out = self.model.model(inputs_embeds=embeds, use_cache=cache is not None, **{_CACHE_ARG: cache})
+        return out.last_hidden_state
+
+
+class CosyVoice2LM(nn.Module):
+    """CosyVoice2's ``Qwen2LM``: text (+ voice prompt) -> speech tokens."""
+
+    SOS = 0  # rows of llm_embedding (upstream's sos_eos and task_id)
+    TASK_ID = 1
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        # registration order as upstream's, so state_dict() lists keys in the same order
+        self.llm_embedding = nn.Embedding(2, cfg.llm_input_size)
+        self.llm = QwenBackbone(cfg.qwen_config())
+        self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.speech_vocab)
+        self.speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.llm_input_size)
+
+    # -- placement ------------------------------------------------------------------------------
+    @property
+    def backbone_weight(self) -> torch.Tensor:
+        """A weight of the first decoder layer: its device and dtype are where inputs must go."""
+        return self.llm.model.model.layers[0].input_layernorm.weight
+
+    def _to_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.backbone_weight
+        return x.to(device=w.device, dtype=w.dtype)
+
+    def tie_weights(self) -> None:
+        """Make the (unused) text head share the text embedding table when the config ties them,
+        so the table exists once, wherever it was placed. ``llm.pt`` holds the two as equal
+        copies of one tied tensor."""
+        qwen = self.llm.model
+        if qwen.config.tie_word_embeddings:
+            qwen.lm_head.weight = qwen.model.embed_tokens.weight
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @staticmethod
+    def _ids(value: IdsLike, name: str, limit: int) -> torch.Tensor:
+        """A list/array/tensor of ids -> int64 [1, N] on the CPU, checked against [0, limit)."""
+        try:
+            ids = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"{name}: expected a list of integer token ids ({e})") from e
+        if ids.numel() == 0:
+            return torch.zeros(1, 0, dtype=torch.long)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InvalidInputError(f"{name}: token ids must be integers, got dtype {ids.dtype}")
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise InvalidInputError(
+                f"{name}: expected a 1-D list of ids (or shape [1, N]), got shape {list(ids.shape)}")
+        ids = ids.reshape(1, -1).to(device="cpu", dtype=torch.long)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= limit:
+            raise InvalidInputError(f"{name}: ids must lie in [0, {limit - 1}], got values from {lo} to {hi}")
+        return ids
+
+    @torch.inference_mode()
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text ids [1, N] -> [1, N, D] on the backbone's device. The lookup runs where the table
+        lives (it may stay on the CPU: 151936 x 896), only the rows move."""
+        table = self.llm.model.model.embed_tokens
+        return self._to_backbone(table(ids.to(table.weight.device)))
+
+    def _speech_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Speech ids [1, N] -> [1, N, D] on the backbone's device."""
+        return self._to_backbone(self.speech_embedding(tokens.to(self.speech_embedding.weight.device)))
+
+    @torch.inference_mode()
+    def input_embeds(self, text_ids: IdsLike, prompt_text_ids: IdsLike = (),
+                     prompt_speech_tokens: IdsLike = ()) -> torch.Tensor:
+        """[sos, prompt_text + text, task_id, prompt speech] embedded: [1, L, D] on the backbone's device."""
+        vocab = self.llm.model.config.vocab_size
+        text = torch.cat([self._ids(prompt_text_ids, "prompt_text_ids", vocab),
+                          self._ids(text_ids, "text_ids", vocab)], dim=1)
+        speech = self._ids(prompt_speech_tokens, "prompt_speech_tokens", self.cfg.speech_token_size)
+        marks = self._to_backbone(self.llm_embedding.weight)
+        return torch.cat([marks[self.SOS].view(1, 1, -1), self.embed_text(text),
+                          marks[self.TASK_ID].view(1, 1, -1), self._speech_rows(speech)], dim=1)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.llm_decoder.weight
+        return self.llm_decoder(hidden.to(device=w.device, dtype=w.dtype))
+
+    @torch.inference_mode()
+    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Full forward: embeddings [1, L, D] -> speech-token scores [1, L, speech_vocab]."""
+        return self._scores(self.llm(embeds))
+
+    def _next_logp(self, step_input: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Run ``step_input`` [1, n, D] on top of ``cache``: log-probabilities [speech_vocab] of the
+        next token (shaped as upstream computes them: decoder on [1, D], then log-softmax)."""
+        hidden = self.llm(step_input, cache)
+        return self._scores(hidden[:, -1]).log_softmax(dim=-1)[0]
+
+    def _draw(self, logp: torch.Tensor, tokens: list[int], generator: torch.Generator, eos_allowed: bool) -> int:
+        s = self.cfg.sampling
+        logp = logp.to(generator.device)  # sampling runs where the generator lives
+        for _ in range(_EOS_REDRAWS + 1):
+            token = ras_sampling(logp, tokens, generator, s.top_p, s.top_k, s.win_size, s.tau_r)
+            if eos_allowed or token != self.cfg.eos:
+                return token
+        raise RequestFailedError(f"the language model kept ending speech before the minimum length "
+                                 f"({_EOS_REDRAWS + 1} draws after {len(tokens)} tokens): check the input text")
+
+    @staticmethod
+    def _length(text_len: int, ratio: float) -> int:
+        # upstream multiplies an int32 length tensor by the ratio: float32 arithmetic, truncated
+        return int(np.float32(text_len) * np.float32(ratio))
+
+    def generate(self, text_ids: IdsLike, prompt_text_ids: IdsLike = (), prompt_speech_tokens: IdsLike = (), *,
+                 generator: torch.Generator, min_tokens: int | None = None, max_tokens: int | None = None,
+                 min_ratio: float = 2.0, max_ratio: float = 20.0) -> Iterator[int]:
+        """Speech tokens, yielded one by one as they are sampled, until end of speech.
+
+        Decoding runs at most ``max_tokens`` steps and cannot end before step ``min_tokens``
+        (an end of speech drawn earlier is re-drawn); by default these are ``min_ratio`` and
+        ``max_ratio`` times the number of TARGET text tokens (the prompt text does not count).
+        Steps count as upstream counts them: the rare task/fill id a step may draw is dropped,
+        so a run can yield fewer tokens than steps. Closing the iterator early frees its cache.
+        Sampling runs on ``generator``'s device: a CPU generator serves a model on any device.
+        """
+        if not isinstance(generator, torch.Generator):
+            raise InvalidInputError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        text = self._ids(text_ids, "text_ids", self.llm.model.config.vocab_size)
+        if text.shape[1] == 0:
+            raise InvalidInputError("text_ids is empty: the text to speak needs at least one token")
+        for name, ratio in (("min_ratio", min_ratio), ("max_ratio", max_ratio)):
+            if not (math.isfinite(ratio) and ratio >= 0):
+                raise InvalidInputError(f"{name}={ratio!r}: expected a finite number >= 0")
+        for name, count in (("min_tokens", min_tokens), ("max_tokens", max_tokens)):
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+                raise InvalidInputError(f"{name}={count!r}: expected an integer >= 0")
+        if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
+            raise InvalidInputError(f"min_tokens={min_tokens} exceeds max_tokens={max_tokens}")
+        min_len = self._length(text.shape[1], min_ratio) if min_tokens is None else min_tokens
+        max_len = self._length(text.shape[1], max_ratio) if max_tokens is None else max_tokens
+        embeds = self.input_embeds(text, prompt_text_ids, prompt_speech_tokens)
+        return self._decode(embeds, min_len, max_len, generator)
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def _decode(self, embeds: torch.Tensor, min_len: int, max_len: int,
+                generator: torch.Generator) -> Iterator[int]:
+        cache = self._new_cache()
+        tokens: list[int] = []
+        step_input = embeds  # the whole prefix first, then one speech token per step
+        try:
+            for step in range(max_len):
+                token = self._draw(self._next_logp(step_input, cache), tokens, generator, eos_allowed=step >= min_len)
+                if token == self.cfg.eos:
+                    return
+                if token > self.cfg.eos:  # task/fill id: dropped, and (as upstream) the same input fed again
+                    continue
+                yield token
+                tokens.append(token)
+                step_input = self._to_backbone(self.speech_embedding.weight[token].view(1, 1, -1))
+        finally:
+            cache.reset()  # drop the keys/values now, even if the consumer keeps this iterator
+
+
+def build(cfg: LMConfig, device: torch.device | str | None = None) -> CosyVoice2LM:
+    """Construct (on ``device``, e.g. ``"meta"`` for sizing) without loading weights."""
+    with torch.device(device or "cpu"):
+        return CosyVoice2LM(cfg)
+
+
+def load(model_dir: str | Path, device: torch.device | str = "cpu") -> CosyVoice2LM:
+    """The LM of a CosyVoice2 folder: its configs + ``llm.pt`` loaded strictly, fp32."""
+    model_dir = Path(model_dir)
+    cfg = LMConfig.from_folder(model_dir)
+    weights = model_dir / "llm.pt"
+    if not weights.is_file():
+        raise ModelNotFoundError(f"not a CosyVoice2 model folder: missing {weights}")
+    # parameters on meta (nothing random-initialised), buffers (rotary frequencies) real
+    with init_empty_weights(include_buffers=False):
+        model = CosyVoice2LM(cfg)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
