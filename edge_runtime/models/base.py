@@ -43,6 +43,7 @@ class SynthesisSettings:
     noise_w: float | None = None  # variation of phoneme durations
     speaker: str | int | None = None  # multi-speaker models: name or index
     seed: int | None = None  # fixes the noise for reproducible audio
+    instructions: str | None = None  # how to speak (OpenAI's field); None for families without it
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,17 @@ class SpeechModel(ABC):
         return has_weights(folder)
 
     @classmethod
+    def require_weights(cls, folder: Path) -> None:
+        """Raise ModelNotFoundError, naming what is missing, unless ``folder`` can be loaded."""
+        from edge_runtime.errors import ModelNotFoundError
+
+        if not cls.weights_present(folder):
+            raise ModelNotFoundError(
+                f"model folder {folder} lacks model.safetensors (or model.safetensors.index.json with its "
+                f"shards, or the state-dict files the {cls.family} family reads): it holds config files "
+                "only; `edge-runtime plan` works on it, loading needs the weights")
+
+    @classmethod
     def config_files(cls) -> tuple[str, ...]:
         """Glob patterns of the files planning needs (fetched before any weight)."""
         return ("*.json",)
@@ -147,6 +159,7 @@ class SpeechModel(ABC):
     supports_voice_prompt: bool = False
     supports_batch: bool = False  # True when synthesize_batch runs units together (not a loop)
     supports_word_timings: bool = False
+    supports_instructions: bool = False  # False: a request's instructions are dropped (OpenAI compatibility)
 
     @abstractmethod
     def components(self) -> dict[str, Any]:

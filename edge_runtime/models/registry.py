@@ -20,7 +20,7 @@ from edge_runtime.models.base import ModelSource, SpeechModel
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
 BUILTIN = ("edge_runtime.models.piper.adapter", "edge_runtime.models.hf.csm", "edge_runtime.models.hf.dia",
-           "edge_runtime.models.hf.pocket_tts")
+           "edge_runtime.models.hf.pocket_tts", "edge_runtime.models.cosyvoice.family")
 ENTRY_POINT_GROUP = "edge_runtime.families"
 PLUGIN_ENV = "EDGE_RUNTIME_FAMILIES"
 
@@ -89,11 +89,8 @@ def resolve(spec: str | None, allow_download: bool = False, weights: bool = True
     if path.exists() or looks_like_hub_id(spec):
         folder, complete = locate(spec, allow_download, weights=weights)
         family = recognise(folder)
-        if weights and not family.weights_present(folder):
-            raise ModelNotFoundError(
-                f"model folder {folder} lacks model.safetensors (or model.safetensors.index.json with its "
-                f"shards, or the state-dict files the {family.family} family reads): it holds config files "
-                "only; `edge-runtime plan` works on it, loading needs the weights")
+        if weights:
+            family.require_weights(folder)
         return ModelSource(family, spec, folder, weights=complete, allow_download=allow_download)
     if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
         raise ModelNotFoundError(f"model path {path} does not exist")

@@ -85,6 +85,15 @@ class Runtime:
             value = kwargs.get(name)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 2.0):
                 raise InvalidInputError(f"{name} {value!r} is out of range; allowed: 0.0 to 2.0")
+        instructions = kwargs.get("instructions")
+        if instructions is not None:
+            if not isinstance(instructions, str) or len(instructions) > self.profile.limits.max_text_chars:
+                raise InvalidInputError(f"instructions must be text of at most {self.profile.limits.max_text_chars} "
+                                        "characters (limits.max_text_chars)")
+            # OpenAI clients send instructions to every model: a family that cannot follow them
+            # speaks the text as usual, as OpenAI's tts-1 does.
+            if not instructions.strip() or not self.model.supports_instructions:
+                kwargs["instructions"] = None
         settings = SynthesisSettings(**kwargs)
         self.model.check_settings(settings)
         return settings

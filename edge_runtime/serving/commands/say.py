@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--voice", type=Path, help="voice prompt audio (WAV/FLAC/OGG/MP3); Piper voices pick their "
                                               "closest built-in speaker")
     p.add_argument("--voice-text", help="transcript of the voice prompt (models that use one)")
+    p.add_argument("--instructions", help="how to speak, e.g. 'Speak happily' (models that follow "
+                                          "instructions, such as CosyVoice2; others ignore it)")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25-4.0 (default 1.0)")
     p.add_argument("--noise-scale", type=float, help="latent variation (voice default if omitted)")
     p.add_argument("--noise-w", type=float, help="duration variation (voice default if omitted)")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         moved_before = rt.placement.get("bytes_moved", 0)
         start = time.perf_counter()
         samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
-                                      noise_w=args.noise_w, speaker=speaker, seed=args.seed)
+                                      noise_w=args.noise_w, speaker=speaker, seed=args.seed,
+                                      instructions=args.instructions)
         elapsed = time.perf_counter() - start
         path = audio.write(args.output, samples, rate, fmt)
         duration = len(samples) / rate

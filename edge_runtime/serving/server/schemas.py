@@ -1,5 +1,6 @@
 """Request and response bodies (pydantic). Field names follow OpenAI's audio API so its clients
-work unchanged; fields OpenAI sends that we cannot honour are accepted and ignored (instructions)."""
+work unchanged; fields OpenAI sends that we cannot honour are accepted and ignored (instructions, for
+models that cannot follow them)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class SpeechRequest(BaseModel):
     response_format: str = Field("mp3", description="mp3, wav, flac, opus or pcm (16-bit LE mono)")
     speed: float = Field(1.0, description="speaking rate, 0.25 to 4.0")
     stream_format: Optional[str] = Field(None, description="'audio': send audio while it is produced")
-    instructions: Optional[str] = Field(None, description="accepted for compatibility; ignored")
+    instructions: Optional[str] = Field(None, description="how to speak (models that follow instructions, e.g. "
+                                                          "CosyVoice2); other models ignore it")
 
     @field_validator("response_format")
     @classmethod

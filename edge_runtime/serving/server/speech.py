@@ -85,6 +85,8 @@ class SpeechService:
         settings: dict[str, Any] = {"speed": req.speed}
         if speaker is not None:
             settings["speaker"] = speaker
+        if req.instructions is not None:
+            settings["instructions"] = req.instructions
         return voice_id, settings
 
     async def speak(self, req: SpeechRequest, request: Request) -> Response:

@@ -1,0 +1,227 @@
+"""CosyVoice2 (FunAudioLLM/CosyVoice2-0.5B) as a family: an LM that turns text into 25 Hz speech
+tokens, a flow that turns tokens into a mel spectrogram conditioned on the voice prompt, and the HiFT
+vocoder; front ends (speaker embedding, speech tokenizer) run by onnxruntime on the CPU.
+
+Three sub-models in one plan, each from its own state dict:
+  ""     llm.pt   text_embedding (Qwen's 151936-row table: only looked up, the planner may leave it on
+                  the CPU), llm (24 Qwen2 layers, one forward per speech token), llm_head
+  flow   flow.pt  flow_encoder and flow_estimator (run per streamed chunk, 10 Euler steps each)
+  hift   hift.pt  the vocoder, always fp32 (its source and iSTFT are not half-precision safe)
+
+Voices: zero-shot (prompt audio + transcript), cross-lingual (prompt audio only: the LM gets no prompt,
+the flow still clones the timbre) and instruct (OpenAI's `instructions`: the LM reads
+"<instructions><|endofprompt|>" in place of the prompt transcript and no prompt tokens). What upstream
+caches per speaker is the PreparedVoice, counted in bytes by the voice cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_runtime.errors import InvalidInputError
+from edge_runtime.models.base import ModelSource, Placer, SpeechModel, SubModel, SynthesisSettings
+from edge_runtime.models.cosyvoice import folder as files
+from edge_runtime.models.registry import register
+from edge_runtime.prepared_voice import PreparedVoice
+
+log = logging.getLogger(__name__)
+
+TOKEN_RATE = 25.0  # speech tokens per second of audio
+PROMPT_RATE = 16000  # front ends read 16 kHz prompts (the flow's prompt mel is made at 24 kHz from it)
+
+
+def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module's children in order, ModuleLists expanded: one planner block each."""
+    out: list[torch.nn.Module] = []
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            out.extend(child)
+        elif any(True for _ in child.parameters()):
+            out.append(child)
+    return out
+
+
+class _Parts:
+    """The three skeletons, built from the folder's configs (on whatever device is current)."""
+
+    def __init__(self, folder: Path) -> None:
+        from edge_runtime.models.cosyvoice.flow import FlowConfig
+        from edge_runtime.models.cosyvoice.hift import HiFTConfig
+        from edge_runtime.models.cosyvoice.llm import LMConfig
+        from edge_runtime.models.cosyvoice.yaml_config import load as load_yaml
+
+        path = folder / files.YAML
+        try:
+            self.yaml = load_yaml(path)
+            self.lm = LMConfig.from_folder(folder)
+            self.flow = FlowConfig.from_yaml(path)
+            self.hift = HiFTConfig.from_yaml(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"cannot read the CosyVoice2 configs in {folder} ({files.YAML}, "
+                                    f"{files.QWEN_DIR}/config.json): {exc}") from None
+        self.sample_rate = int(self.yaml.get("sample_rate", 24000))
+
+    def build_lm(self):
+        from edge_runtime.models.cosyvoice.llm import CosyVoice2LM
+
+        return CosyVoice2LM(self.lm)
+
+    def build_flow(self):
+        from edge_runtime.models.cosyvoice.flow import CausalFlow
+
+        return CausalFlow(self.flow)
+
+    def build_hift(self):
+        from edge_runtime.models.cosyvoice.hift import HiFTGenerator
+
+        return HiFTGenerator(self.hift)
+
+
+@register
+class CosyVoice2Model(SpeechModel):
+    family = "cosyvoice2"
+    supports_voice_prompt = True
+    supports_instructions = True
+    prompt_sample_rate = PROMPT_RATE
+
+    # -- the family ---------------------------------------------------------------------------
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        # CosyVoice3 folders too, so that loading one says what it is instead of "unknown model"
+        return files.is_cosyvoice_folder(folder)
+
+    @classmethod
+    def weights_present(cls, folder: Path) -> bool:
+        return files.weights_present(folder)
+
+    @classmethod
+    def require_weights(cls, folder: Path) -> None:
+        files.check_files(folder)
+
+    @classmethod
+    def config_files(cls) -> tuple[str, ...]:
+        return files.CONFIG_FILES
+
+    @classmethod
+    def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
+        from edge_runtime.policy.planner import SPEECH_CHARS_PER_S, describe_model
+
+        files.check_files(source.path, files.CONFIG_FILES)
+        parts = _Parts(source.path)
+        with torch.device("meta"):
+            lm, flow, hift = parts.build_lm(), parts.build_flow(), parts.build_hift()
+        backbone = lm.llm.model.model
+        lm_parts = {"text_embedding": [backbone.embed_tokens], "llm": list(backbone.layers),
+                    "llm_head": [backbone.norm, lm.speech_embedding, lm.llm_embedding, lm.llm_decoder]}
+        tokens_per_char = TOKEN_RATE / SPEECH_CHARS_PER_S
+        main = describe_model(lm, lm_parts, {"llm", "llm_head"}, dtype, fp32_components)
+        main = main.with_hints(tokens_per_char=tokens_per_char, prompt_tokens_per_s=TOKEN_RATE,
+                               max_positions=int(parts.lm.qwen.get("max_position_embeddings", 32768)))
+        estimator = flow.decoder.estimator
+        flow_parts = {"flow_encoder": [b for b in _blocks(flow) if b is not flow.decoder],
+                      "flow_estimator": _blocks(estimator)}
+        flow_layout = describe_model(flow, flow_parts, (), dtype, fp32_components)
+        # the flow runs 10 Euler steps on a batch of 2 (classifier-free guidance) per chunk
+        flow_layout = flow_layout.replace_component("flow_estimator", passes_per_token=20)
+        hift_layout = describe_model(hift, {"hift": _blocks(hift)}, (), dtype, ("hift",))
+        hift_layout = hift_layout.replace_component("hift", stays_resident=True, batch_cap=1,
+                                                    tokens_per_char=tokens_per_char)
+        return main.with_submodel("flow", flow_layout).with_submodel("hift", hift_layout)
+
+    @classmethod
+    def load(cls, source: ModelSource, placer: Placer) -> CosyVoice2Model:
+        folder = source.path
+        files.check_files(folder)
+        parts = _Parts(folder)
+        builders = {"": parts.build_lm, "flow": parts.build_flow, "hift": parts.build_hift}
+        for name, build in builders.items():  # strict keys and shapes, before any weight is read
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+            files.check_state_dict(folder / files.CHECKPOINTS[name], expected)
+        lm = placer.place(SubModel("", parts.build_lm, folder / files.CHECKPOINTS[""],
+                                   no_split_modules=("Qwen2DecoderLayer",)))
+        flow = placer.place(SubModel("flow", parts.build_flow, folder / files.CHECKPOINTS["flow"]))
+        hift = placer.place(SubModel("hift", parts.build_hift, folder / files.CHECKPOINTS["hift"],
+                                     dtype=torch.float32))
+        return cls(source.model_id, folder, parts, lm, flow, hift, placer.device, placer.dtype)
+
+    # -- a loaded model -------------------------------------------------------------------------
+    def __init__(self, model_id: str, folder: Path, parts: _Parts, lm, flow, hift,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        from edge_runtime.models.cosyvoice.frontend import CosyVoiceFrontend
+        from edge_runtime.models.cosyvoice.pipeline import Pipeline
+        from edge_runtime.models.cosyvoice.tokenizer import CosyVoiceTextTokenizer
+
+        self.model_id, self.folder, self.parts = model_id, folder, parts
+        self.sample_rate = parts.sample_rate
+        self.lm, self.flow, self.hift = lm, flow, hift
+        self.device, self.dtype = device, dtype
+        self.tokenizer = CosyVoiceTextTokenizer(folder / files.QWEN_DIR)
+        self.frontend = CosyVoiceFrontend(folder, parts.yaml, tokenizer=self.tokenizer)
+        self.pipeline = Pipeline(lm, flow, hift, parts, device, dtype)
+
+    def components(self) -> dict[str, Any]:
+        return {"llm": self.lm, "flow": self.flow, "hift": self.hift}
+
+    def split_text(self, text: str) -> list[str]:
+        from edge_runtime.models.text import normalize_text, split_sentences
+
+        return split_sentences(normalize_text(text))
+
+    def check_settings(self, settings: SynthesisSettings) -> None:
+        if settings.speaker is not None:
+            raise InvalidInputError(f"{self.model_id} (CosyVoice2) has no built-in speakers; clone a voice "
+                                    "from a prompt instead")
+
+    # -- voices ----------------------------------------------------------------------------------
+    def prepare_voice(self, audio: np.ndarray, sample_rate: int, transcript: str | None = None) -> PreparedVoice:
+        from edge_runtime.models.text import normalize_text
+
+        transcript = normalize_text(transcript) if transcript and transcript.strip() else None
+        prompt = self.frontend.prepare_prompt(audio, sample_rate, transcript)
+        return PreparedVoice(tensors=prompt.tensors(), model_id=self.model_id, sample_rate=sample_rate,
+                             transcript=transcript, extra={"mode": prompt.mode.value})
+
+    # -- synthesis ---------------------------------------------------------------------------------
+    def lm_prompt(self, voice: PreparedVoice | None, settings: SynthesisSettings) -> tuple[list[int], list[int]]:
+        """(prompt text ids, prompt speech tokens) the LM reads before the target text: the voice's
+        transcript and tokens (zero-shot), nothing (cross-lingual, no voice), or the instruction."""
+        from edge_runtime.models.cosyvoice.frontend import CosyVoicePrompt, LMPrompt
+
+        instruction = self.frontend.instruction_ids(settings.instructions.strip()) if settings.instructions else []
+        if voice is None:
+            none = torch.zeros(0, dtype=torch.int32)
+            lm = LMPrompt(torch.tensor(instruction, dtype=torch.int32), none) if instruction else LMPrompt(none, none)
+        else:
+            lm = CosyVoicePrompt.from_tensors(voice.tensors).lm_prompt(instruction_ids=instruction)
+        return lm.text_ids.tolist(), lm.speech_tokens.tolist()
+
+    def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,
+                        stream: bool = False) -> Iterator[np.ndarray]:
+        text_ids = self.tokenizer.encode(unit)
+        if not text_ids:
+            raise InvalidInputError(f"nothing to speak in {unit!r} after tokenisation")
+        prompt_text, prompt_speech = self.lm_prompt(voice, settings)
+        generator = torch.Generator()
+        if settings.seed is not None:
+            generator.manual_seed(int(settings.seed))
+        else:
+            generator.seed()
+        request = self.pipeline.request(text_ids, prompt_text, prompt_speech, voice, generator)
+        try:
+            if stream:
+                for chunk in request.stream():
+                    yield chunk
+            else:
+                yield request.whole(speed=settings.speed)
+        finally:
+            request.close()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"instructions": True, "modes": ["zero_shot", "cross_lingual", "instruct"]}

@@ -1,0 +1,201 @@
+"""CosyVoice2: edge_runtime's family vs the reference implementation, same random weights, same inputs.
+
+    python scripts/bench_cosyvoice.py [--model DIR] [--tokens 100] [--requests 100] [--out FILE.json]
+
+DIR is a CosyVoice2 folder in the official layout; without --model a published-size folder (random
+weights, ~2.6 GB) is written once to ~/.cache/edge_runtime/bench/cosyvoice2-published by
+scripts/cosyvoice_testmodel.py. The reference (upstream's modules, .cosyvoice_ref venv built by
+scripts/cosyvoice_reference.sh) runs first in a subprocess, then ours in this process, one after the
+other on the same CPU threads. Random weights never stop by themselves, so both sides generate exactly
+--tokens speech tokens (upstream: min = max token/text ratio).
+
+Rows (both sides):  LM ms per token; flow and HiFT seconds per second of audio (offline, on the same
+tokens); total = LM + flow + HiFT for one request; time to first audio when streaming a text of
+>= 200 characters (upstream: its tts(stream=True) loop with the LM in a thread); peak RSS.
+Ours only: RSS drift over --requests streamed requests through the runtime (voice prompt, per-request
+cleanup), from the end of a warm-up to the end. Targets: total <= 0.8x, first audio <= 0.5x, drift <= 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_PY = ROOT / ".cosyvoice_ref" / "bin" / "python"
+TEXT = ("The old lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, and watched "
+        "the ships slide past the rocks; in forty years he never missed a night, and the town, in its "
+        "quiet way, loved him for it.")
+TRANSCRIPT = "This is the voice I would like you to speak with."
+PROMPT_TOKENS = 75  # a three-second voice prompt at 25 tokens per second
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def published_folder() -> Path:
+    folder = Path(os.environ.get("EDGE_RUNTIME_CACHE_DIR", Path.home() / ".cache" / "edge_runtime"))
+    folder = folder / "bench" / "cosyvoice2-published"
+    if not (folder / "spk2info.pt").is_file():
+        print(f"writing a published-size random CosyVoice2 folder to {folder} ...", flush=True)
+        subprocess.run([str(REF_PY), str(ROOT / "scripts" / "cosyvoice_testmodel.py"), str(folder),
+                        "--size", "published"], check=True)
+    return folder
+
+
+def inputs(folder: Path, seed: int) -> dict:
+    from edge_runtime.models.cosyvoice.tokenizer import CosyVoiceTextTokenizer
+
+    tok = CosyVoiceTextTokenizer(folder / "CosyVoice-BlankEN")
+    g = torch.Generator().manual_seed(seed)
+    return {"text_ids": tok.encode(TEXT), "prompt_text_ids": tok.encode(TRANSCRIPT),
+            "prompt_speech_tokens": torch.randint(0, 6561, (PROMPT_TOKENS,), generator=g).tolist(),
+            "embedding": torch.randn(192, generator=g).tolist(),
+            "prompt_feat": (torch.randn(2 * PROMPT_TOKENS, 80, generator=g) - 5).tolist()}
+
+
+def run_reference(folder: Path, req: dict, out: Path) -> dict:
+    if not REF_PY.is_file():
+        raise SystemExit("the reference venv is missing: bash scripts/cosyvoice_reference.sh")
+    proc = subprocess.run([str(REF_PY), str(ROOT / "scripts" / "cosyvoice_reference_bench.py"), str(folder),
+                           str(out)], input=json.dumps(req), text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"reference bench failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def voice_from(req: dict, model):
+    from edge_runtime.prepared_voice import PreparedVoice
+
+    tensors = {"speech_tokens": torch.tensor(req["prompt_speech_tokens"], dtype=torch.int32),
+               "prompt_feat": torch.tensor(req["prompt_feat"], dtype=torch.float32),
+               "embedding": torch.tensor(req["embedding"], dtype=torch.float32),
+               "text_ids": torch.tensor(req["prompt_text_ids"], dtype=torch.int32)}
+    return PreparedVoice(tensors=tensors, model_id=model.model_id, sample_rate=16000, transcript=TRANSCRIPT,
+                         extra={"mode": "zero_shot"})
+
+
+def run_ours(folder: Path, req: dict, n: int, threads: int, requests: int) -> dict:
+    import edge_runtime
+    from edge_runtime.models.cosyvoice.hift_stream import vocode
+
+    rt = edge_runtime.load(str(folder), profile="cpu", overrides=(f"runtime.threads={threads}",
+                                                                  "precision.dtype=fp32"))
+    model = rt.model
+    voice = voice_from(req, model)
+    text, prompt_text, prompt_speech = req["text_ids"], req["prompt_text_ids"], req["prompt_speech_tokens"]
+    res: dict = {"tokens": n}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        toks = list(model.lm.generate(text, prompt_text, prompt_speech, generator=g, min_tokens=n, max_tokens=n))
+        res["lm_s"], res["lm_tokens"] = time.perf_counter() - t0, len(toks)
+        t0 = time.perf_counter()
+        mel = model.flow.inference(toks, prompt_speech, voice.tensors["prompt_feat"], voice.tensors["embedding"],
+                                   generator=g, streaming=False)
+        res["flow_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        wav = vocode(model.hift, mel, generator=g)
+        res["hift_s"] = time.perf_counter() - t0
+        res["audio_s"] = wav.shape[-1] / model.sample_rate
+    request = model.pipeline.request(text, prompt_text, prompt_speech, voice, torch.Generator().manual_seed(1),
+                                     max_tokens=n, min_tokens=n)
+    t0, first, samples = time.perf_counter(), None, 0
+    for chunk in request.stream():
+        first = first or time.perf_counter() - t0
+        samples += len(chunk)
+    request.close()
+    res |= {"stream_first_s": first, "stream_total_s": time.perf_counter() - t0,
+            "stream_audio_s": samples / model.sample_rate}
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if requests:
+        res |= drift(rt, voice, requests)
+    rt.close()
+    return res
+
+
+def drift(rt, voice, requests: int) -> dict:
+    """RSS over `requests` short streamed requests through the runtime (its per-request cleanup
+    included): each sentence is capped at one chunk + lookahead of tokens (random weights never stop)."""
+    rt.model.pipeline.token_cap = 28
+    warm = max(5, requests // 10)
+    samples = []
+    for i in range(requests + warm):
+        for _ in rt.stream("Hello there.", voice=voice, seed=i):
+            pass
+        samples.append(rss_mib())
+    rt.model.pipeline.token_cap = None
+    base, last = samples[warm - 1], samples[-1]
+    return {"drift_requests": requests, "rss_after_warmup_mib": base, "rss_end_mib": last,
+            "rss_max_mib": max(samples[warm:]), "rss_drift_pct": 100 * (last - base) / base}
+
+
+def table(ref: dict, ours: dict) -> list[tuple[str, float, float, float]]:
+    def per_token(r):
+        return 1000 * r["lm_s"] / r["lm_tokens"]
+
+    def per_audio(r, key):
+        return r[key] / r["audio_s"]
+
+    def total(r):
+        return r["lm_s"] + r["flow_s"] + r["hift_s"]
+
+    rows = [("LM ms/token", per_token(ref), per_token(ours)),
+            ("flow s per s of audio", per_audio(ref, "flow_s"), per_audio(ours, "flow_s")),
+            ("HiFT s per s of audio", per_audio(ref, "hift_s"), per_audio(ours, "hift_s")),
+            ("total s (LM+flow+HiFT)", total(ref), total(ours)),
+            ("first audio s (streamed)", ref["stream_first_s"], ours["stream_first_s"]),
+            ("streamed request s", ref["stream_total_s"], ours["stream_total_s"]),
+            ("peak RSS MiB", ref["peak_rss_mib"], ours["peak_rss_mib"])]
+    return [(name, a, b, b / a) for name, a, b in rows]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, help="CosyVoice2 folder (default: a published-size random one)")
+    p.add_argument("--tokens", type=int, default=100, help="speech tokens per request (default 100 = 4 s)")
+    p.add_argument("--requests", type=int, default=100, help="requests for the RSS drift (0: skip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench_cosyvoice.json"))
+    a = p.parse_args()
+    folder = a.model or published_folder()
+    torch.set_num_threads(a.threads)
+    req = inputs(folder, seed=0) | {"tokens": a.tokens, "threads": a.threads, "seed": 0}
+    print(f"model {folder}; text {len(TEXT)} characters = {len(req['text_ids'])} tokens; "
+          f"{a.tokens} speech tokens; prompt {PROMPT_TOKENS} tokens; {a.threads} threads", flush=True)
+    ref = run_reference(folder, req, a.out.with_suffix(".reference.json"))
+    print("reference:", json.dumps(ref), flush=True)
+    ours = run_ours(folder, req, a.tokens, a.threads, a.requests)
+    rows = table(ref, ours)
+    print(f"\n{'':28}{'reference':>12}{'ours':>12}{'ours/ref':>10}")
+    for name, r, o, ratio in rows:
+        print(f"{name:28}{r:12.3f}{o:12.3f}{ratio:10.2f}")
+    ratios = {name: ratio for name, _, _, ratio in rows}
+    checks = {"total <= 0.8x": ratios["total s (LM+flow+HiFT)"] <= 0.8,
+              "first audio <= 0.5x": ratios["first audio s (streamed)"] <= 0.5}
+    if "rss_drift_pct" in ours:
+        print(f"RSS over {ours['drift_requests']} requests: {ours['rss_after_warmup_mib']:.1f} MiB after warm-up, "
+              f"{ours['rss_end_mib']:.1f} MiB at the end (max {ours['rss_max_mib']:.1f}): "
+              f"drift {ours['rss_drift_pct']:+.2f}%")
+        checks["RSS drift <= 1%"] = abs(ours["rss_drift_pct"]) <= 1.0
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    a.out.write_text(json.dumps({"reference": ref, "ours": ours, "rows": rows, "checks": checks,
+                                 "text_chars": len(TEXT), "tokens": a.tokens, "threads": a.threads}, indent=2))
+    print(f"wrote {a.out}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
