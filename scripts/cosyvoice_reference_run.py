@@ -20,6 +20,7 @@ The request is a JSON object; every field is optional:
     mel                  [80][frames] input mel for "hift"          (default: the "flow" mel, else
                                                                      seeded randn of 2 * 30 frames)
     seed                 int, torch seed set before every stage     (default 0)
+    threads              torch CPU threads                          (default min(4, cpu count))
     hift_phase           [B][9] initial harmonic phases (cycles) for "hift": replaces the
                          source's torch.rand draw                    (default: drawn under seed)
     hift_noise           [B][S][9] standard-normal source noise for "hift", S = frames*480:
@@ -27,6 +28,13 @@ The request is a JSON object; every field is optional:
     noise_seed           int: flow noise = randn(1, 80, 15000) from a Generator with this seed;
                          absent/null: upstream's own noise (drawn after seed(0) at construction)
     min_token_text_ratio, max_token_text_ratio   for "lm_sample"   (default 2, 20)
+    flow_streaming, flow_finalize  the "flow" stage's streaming / finalize arguments
+                                                                     (default false, true)
+    stream_hop_scale, stream_max_hop  "stream": after each chunk hop = min(max, hop * scale), as
+                         upstream's later CosyVoice2Model grows it  (default 1, 100: the fixed
+                                                                     hop 25 of this package)
+    stream_final_streaming  "stream": the last chunk with streaming=True instead of upstream's
+                         streaming=False (full attention)           (default false)
     inputs_npz           path of an .npz whose arrays override the JSON fields of the same name
                          (embedding [1,192], prompt_feat [1,F,80], mel [1,80,F], noise [1,80,N],
                          hift_phase [1,9], hift_noise [1,S,9])
@@ -35,10 +43,13 @@ Written to OUT.npz (float32 / int64), only for the stages run:
     lm_input_embeds [1,L,D], lm_logits [1,L,V+3]  V = speech_token_size (logits of every position
                                                   of [sos, prompt_text+text, task_id, prompt_speech])
     lm_tokens [N]                                 Qwen2LM.inference (ras_sampling) under torch seed
-    flow_mel [1,80,2*T]                           flow.inference(streaming=False, finalize=True)
+    flow_mel [1,80,2*T]                           flow.inference (default streaming=False, finalize=True)
+    flow_seconds [1]                              wall time of that call
     hift_wav [1,S], hift_source [1,1,S]           hift.inference under torch seed, S = frames*480
     stream_wav_K [1,*], stream_mel_K [1,80,*]     chunks of upstream's token2wav streaming loop
     stream_wav [1,*]                              the chunks concatenated
+    stream_token_offset [K]                       token_offset of each chunk (its mel from 2x that)
+    stream_flow_seconds [K]                       wall time of each chunk's flow.inference
     in_*                                          the inputs actually used (for the parity side)
 """
 
@@ -50,6 +61,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
@@ -155,10 +167,10 @@ def _arr(req: dict, key: str, default):
 
 
 def run(model_dir: str, req: dict) -> dict[str, np.ndarray]:
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if req.get("inputs_npz"):
         with np.load(req["inputs_npz"]) as z:
             req = req | {k: z[k] for k in z.files}
+    torch.set_num_threads(int(req.get("threads") or max(1, min(4, os.cpu_count() or 1))))
     m = load_model(model_dir)
     llm, flow, hift = m["llm"], m["flow"], m["hift"]
     stages = req.get("stages") or ["lm_logits", "lm_sample", "flow", "hift"]
@@ -215,11 +227,14 @@ def run(model_dir: str, req: dict) -> dict[str, np.ndarray]:
 
         if "flow" in stages:
             torch.manual_seed(seed)
+            start = time.perf_counter()
             mel, _ = flow.inference(
                 token=tokens, token_len=torch.tensor([tokens.shape[1]], dtype=torch.int32),
                 prompt_token=prompt_tok, prompt_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
                 prompt_feat=prompt_feat, prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32),
-                embedding=emb, streaming=False, finalize=True)
+                embedding=emb, streaming=bool(req.get("flow_streaming", False)),
+                finalize=bool(req.get("flow_finalize", True)))
+            out["flow_seconds"] = np.array([time.perf_counter() - start])
             out["flow_mel"] = mel.numpy()
 
         if "hift" in stages:
@@ -238,23 +253,32 @@ def run(model_dir: str, req: dict) -> dict[str, np.ndarray]:
             out |= {f"in_hift_{k}": v.numpy() for k, v in (("phase", phase), ("noise", noise)) if v is not None}
 
     if "stream" in stages:
-        out |= stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed)
+        out |= stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed,
+                      hop_scale=int(req.get("stream_hop_scale", 1)), max_hop=int(req.get("stream_max_hop", 100)),
+                      final_streaming=bool(req.get("stream_final_streaming", False)))
     return out
 
 
-def stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed) -> dict[str, np.ndarray]:
+def stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed, hop_scale: int = 1, max_hop: int = 100,
+           final_streaming: bool = False) -> dict[str, np.ndarray]:
     """Upstream's streaming schedule (CosyVoice2Model.tts, stream=True) over a fixed token list:
     hop 25 tokens (+ padding of the prompt to a multiple of 25 on the first chunk) + 3 lookahead,
     each chunk re-running the flow over all tokens so far and vocoding with the 8-frame mel /
-    source cache and Hamming cross-fade of CosyVoice2Model.token2wav (the reference's own code)."""
+    source cache and Hamming cross-fade of CosyVoice2Model.token2wav (the reference's own code).
+    hop_scale > 1 grows the hop after each chunk up to max_hop (upstream's later code: x2 up to 100);
+    final_streaming runs the last chunk chunk-causal instead of with full attention."""
     from cosyvoice.cli.model import CosyVoice2Model
 
     model = CosyVoice2Model(llm=None, flow=flow, hift=hift, fp16=False)
-    mels = []
+    mels, seconds = [], []
     real_inference = flow.inference
 
-    def recording_inference(*a, **k):  # keep each chunk's flow mel for the parity side
+    def recording_inference(*a, **k):  # keep each chunk's flow mel (and time) for the parity side
+        if final_streaming and k.get("finalize"):
+            k["streaming"] = True
+        start = time.perf_counter()
         mel, cache = real_inference(*a, **k)
+        seconds.append(time.perf_counter() - start)
         mels.append(mel.numpy())
         return mel, cache
 
@@ -264,22 +288,27 @@ def stream(flow, hift, tokens, prompt_tok, prompt_feat, emb, seed) -> dict[str, 
     hop, look = model.token_hop_len, flow.pre_lookahead_len
     pad = int(np.ceil(prompt_tok.shape[1] / hop) * hop - prompt_tok.shape[1])
     all_tok = tokens[0].tolist()
-    wavs, offset = [], 0
+    wavs, offset, offsets = [], 0, []
     torch.manual_seed(seed)
     while True:
         this_hop = hop + pad if offset == 0 else hop
         if len(all_tok) - offset < this_hop + look:
             break
         chunk = torch.tensor([all_tok[:offset + this_hop + look]])
+        offsets.append(offset)
         wavs.append(model.token2wav(token=chunk, prompt_token=prompt_tok, prompt_feat=prompt_feat,
                                     embedding=emb, token_offset=offset, uuid=uid, stream=True, finalize=False))
         offset += this_hop
+        hop = min(max_hop, hop * hop_scale)
+    offsets.append(offset)
     wavs.append(model.token2wav(token=torch.tensor([all_tok]), prompt_token=prompt_tok, prompt_feat=prompt_feat,
                                 embedding=emb, token_offset=offset, uuid=uid, finalize=True))
     flow.inference = real_inference
     res = {f"stream_wav_{i}": w.numpy() for i, w in enumerate(wavs)}
     res |= {f"stream_mel_{i}": mm for i, mm in enumerate(mels)}
     res["stream_wav"] = torch.cat(wavs, dim=1).numpy()
+    res["stream_token_offset"] = np.asarray(offsets, dtype=np.int64)
+    res["stream_flow_seconds"] = np.asarray(seconds)
     return res
 
 

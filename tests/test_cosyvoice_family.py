@@ -209,3 +209,39 @@ def test_server_voice_upload_speech_stream_and_instructions(tiny, prompt):
             assert 400 <= bad.status_code < 500 and "silent" in bad.text
     finally:
         rt.close()
+
+
+# -- every backend gives the resident audio --------------------------------------------------------
+# A tier too small for anything: the LM's layers compute on the CPU, the flow streams its blocks.
+TINY_TIER = ("memory.vram_gib=0.005", "memory.reserve_gib=0", "offload.keep_resident=[]",
+             "batching.max_batch=1", "precision.dtype=fp32", "runtime.threads=1")
+
+
+@pytest.fixture(scope="module")
+def resident_audio(tiny, prompt):
+    rt = edge_runtime.load(str(tiny), profile="cpu", overrides=THREADS)
+    try:
+        assert rt.placement["backend"] == "resident"
+        voice = rt.prepare_voice(str(prompt), transcript="A prompt to clone.")[1]
+        return voice, rt.synthesize(TEXT, voice=voice, seed=4)[0], list(rt.stream(TEXT, voice=voice, seed=4))
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("backend,target", [("accelerate", "disk"), ("accelerate", "cpu"), ("streamer", "disk"),
+                                            ("deepspeed", "cpu")])
+def test_every_backend_gives_the_resident_audio(tiny, resident_audio, backend, target):
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    voice, whole, chunks = resident_audio
+    rt = edge_runtime.load(str(tiny), profile="6gb", overrides=(*TINY_TIER, f"offload.target={target}",
+                                                               f"offload.backend={backend}"))
+    try:
+        placed = rt.placement
+        assert placed["backend"] == backend and placed["streamed_bytes"] > 0
+        assert np.array_equal(rt.synthesize(TEXT, voice=voice, seed=4)[0], whole)
+        streamed = list(rt.stream(TEXT, voice=voice, seed=4))
+        assert len(streamed) == len(chunks) > 1
+        assert all(np.array_equal(a, b) for a, b in zip(streamed, chunks))
+    finally:
+        rt.close()

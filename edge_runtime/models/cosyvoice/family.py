@@ -125,7 +125,7 @@ class CosyVoice2Model(SpeechModel):
                                max_positions=int(parts.lm.qwen.get("max_position_embeddings", 32768)))
         estimator = flow.decoder.estimator
         flow_parts = {"flow_encoder": [b for b in _blocks(flow) if b is not flow.decoder],
-                      "flow_estimator": _blocks(estimator)}
+                      "flow_estimator": estimator.placement_units()}
         flow_layout = describe_model(flow, flow_parts, (), dtype, fp32_components)
         # the flow runs 10 Euler steps on a batch of 2 (classifier-free guidance) per chunk
         flow_layout = flow_layout.replace_component("flow_estimator", passes_per_token=20)
@@ -149,6 +149,8 @@ class CosyVoice2Model(SpeechModel):
         flow = placer.place(SubModel("flow", parts.build_flow, folder / files.CHECKPOINTS["flow"]))
         hift = placer.place(SubModel("hift", parts.build_hift, folder / files.CHECKPOINTS["hift"],
                                      dtype=torch.float32))
+        lm.set_execution(placer.device, placer.dtype)
+        flow.set_execution(placer.device, placer.dtype)
         return cls(source.model_id, folder, parts, lm, flow, hift, placer.device, placer.dtype)
 
     # -- a loaded model -------------------------------------------------------------------------

@@ -141,14 +141,31 @@ class CosyVoice2LM(nn.Module):
         self.speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.llm_input_size)
 
     # -- placement ------------------------------------------------------------------------------
-    @property
-    def backbone_weight(self) -> torch.Tensor:
-        """A weight of the first decoder layer: its device and dtype are where inputs must go."""
-        return self.llm.model.model.layers[0].input_layernorm.weight
+    # Offloading backends may leave a weight on the meta device (streamed from disk) or partitioned
+    # (ZeRO-3) until its module's forward runs: weights are only ever used through module calls, and
+    # where inputs go is the execution device the runtime sets (else the first layer's).
+    execution: tuple[torch.device, torch.dtype] | None = None
+
+    def set_execution(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.execution = (torch.device(device), dtype)
+
+    def _execution(self) -> tuple[torch.device, torch.dtype]:
+        if self.execution is not None:
+            return self.execution
+        w = self.llm.model.model.layers[0].input_layernorm.weight
+        return w.device, w.dtype
 
     def _to_backbone(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.backbone_weight
-        return x.to(device=w.device, dtype=w.dtype)
+        device, dtype = self._execution()
+        return x.to(device=device, dtype=dtype)
+
+    def _lookup(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table`` on the backbone's device. The lookup runs where the table lives (the text
+        table may stay on the CPU: 151936 x 896), only the rows move; a streamed table's hook brings
+        its weight (and the ids) to the execution device."""
+        weight_device = table.weight.device
+        device = weight_device if weight_device.type != "meta" else self._execution()[0]
+        return self._to_backbone(table(ids.to(device)))
 
     def tie_weights(self) -> None:
         """Make the (unused) text head share the text embedding table when the config ties them,
@@ -183,12 +200,11 @@ class CosyVoice2LM(nn.Module):
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids [1, N] -> [1, N, D] on the backbone's device. The lookup runs where the table
         lives (it may stay on the CPU: 151936 x 896), only the rows move."""
-        table = self.llm.model.model.embed_tokens
-        return self._to_backbone(table(ids.to(table.weight.device)))
+        return self._lookup(self.llm.model.model.embed_tokens, ids)
 
     def _speech_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Speech ids [1, N] -> [1, N, D] on the backbone's device."""
-        return self._to_backbone(self.speech_embedding(tokens.to(self.speech_embedding.weight.device)))
+        return self._lookup(self.speech_embedding, tokens)
 
     @torch.inference_mode()
     def input_embeds(self, text_ids: IdsLike, prompt_text_ids: IdsLike = (),
@@ -198,14 +214,12 @@ class CosyVoice2LM(nn.Module):
         text = torch.cat([self._ids(prompt_text_ids, "prompt_text_ids", vocab),
                           self._ids(text_ids, "text_ids", vocab)], dim=1)
         speech = self._ids(prompt_speech_tokens, "prompt_speech_tokens", self.cfg.speech_token_size)
-        marks = self._to_backbone(self.llm_embedding.weight)
-        return torch.cat([marks[self.SOS].view(1, 1, -1), self.embed_text(text),
-                          marks[self.TASK_ID].view(1, 1, -1), self._speech_rows(speech)], dim=1)
+        marks = self._lookup(self.llm_embedding, torch.tensor([[self.SOS, self.TASK_ID]]))
+        return torch.cat([marks[:, :1], self.embed_text(text), marks[:, 1:], self._speech_rows(speech)], dim=1)
 
     # -- forward ----------------------------------------------------------------------------------
     def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.llm_decoder.weight
-        return self.llm_decoder(hidden.to(device=w.device, dtype=w.dtype))
+        return self.llm_decoder(self._to_backbone(hidden))
 
     @torch.inference_mode()
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -216,7 +230,7 @@ class CosyVoice2LM(nn.Module):
         """Run ``step_input`` [1, n, D] on top of ``cache``: log-probabilities [speech_vocab] of the
         next token (shaped as upstream computes them: decoder on [1, D], then log-softmax)."""
         hidden = self.llm(step_input, cache)
-        return self._scores(hidden[:, -1]).log_softmax(dim=-1)[0]
+        return self._scores(hidden[:, -1]).float().log_softmax(dim=-1)[0]
 
     def _draw(self, logp: torch.Tensor, tokens: list[int], generator: torch.Generator, eos_allowed: bool) -> int:
         s = self.cfg.sampling
@@ -281,7 +295,7 @@ class CosyVoice2LM(nn.Module):
                     continue
                 yield token
                 tokens.append(token)
-                step_input = self._to_backbone(self.speech_embedding.weight[token].view(1, 1, -1))
+                step_input = self._speech_rows(torch.tensor([[token]]))
         finally:
             cache.reset()  # drop the keys/values now, even if the consumer keeps this iterator
 

@@ -2,14 +2,21 @@
 
 Streaming runs the LM and the vocoding in one thread: after each sampled token it checks whether the
 next chunk (its hop + the flow's lookahead) is complete, and if so the flow computes only that chunk's
-frames (its earlier frames are final under the chunk-causal masks, so nothing is recomputed) and the
+frames (earlier frames are final under the chunk-causal masks, so nothing is recomputed) and the
 vocoder continues from its caches. All state is the request's: nothing carries over to the next one.
-Randomness (LM sampling, flow noise, the vocoder's source) comes from the request's generator.
+
+Randomness comes from the request's generator: the flow noise is drawn from it first (the frames of
+upstream's fixed buffer), then LM sampling and the vocoder's source draw from it as they go.
+
+Choice: the last streamed chunk is computed like the others (chunk-causal), not by upstream's full
+re-run of the flow over every token (which makes the final chunk cost a whole offline flow, a stall
+at the end of every streamed sentence). Streamed audio then equals upstream's streaming with its final
+call made in streaming mode, chunk for chunk (tests/test_cosyvoice_pipeline.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,30 +25,41 @@ import torch
 from edge_runtime.models.cosyvoice.schedule import StreamSchedule
 
 MAX_TOKEN_RATIO = 20  # upstream's max_token_text_ratio: the LM's own cap per text token
+# Bytes a streamed request may keep of the flow's keys/values (per Euler step, both guidance branches:
+# ~4.6 MB per frame in fp32 at the published size, half in bf16/fp16). Past it, later chunks recompute
+# from the last cached frame on: exact, only slower.
+FLOW_CACHE_BYTES = 1 << 30
 
 
 class Pipeline:
     """The placed sub-models, shared by every request."""
 
     def __init__(self, lm, flow, hift, parts, device: torch.device, dtype: torch.dtype,
-                 schedule: StreamSchedule | None = None) -> None:
+                 schedule: StreamSchedule | None = None, final_pass: str = "chunked",
+                 flow_cache_bytes: int = FLOW_CACHE_BYTES) -> None:
         self.lm, self.flow, self.hift, self.parts = lm, flow, hift, parts
         self.device, self.dtype = device, dtype
-        self.schedule = schedule or StreamSchedule(lookahead=parts.flow.pre_lookahead_len)
-        self.mel_per_token = parts.flow.token_mel_ratio
+        cfg = parts.flow
+        self.schedule = schedule or StreamSchedule(lookahead=cfg.pre_lookahead_len, chunk=cfg.chunk_tokens)
+        self.final_pass = final_pass
+        self.mel_per_token = cfg.token_mel_ratio
+        element = torch.tensor([], dtype=dtype).element_size()
+        self.max_cache_frames = flow_cache_bytes // cfg.cache_bytes_per_frame(element)
         # Speech tokens per sentence at most (None: the LM's own limit, 20 per text token). Benchmarks
         # cap random-weight models, which never stop by themselves.
         self.token_cap: int | None = None
 
-    def request(self, text_ids: list[int], prompt_text: list[int], prompt_speech: list[int],
-                voice, generator: torch.Generator, max_tokens: int | None = None,
-                min_tokens: int | None = None) -> Request:
-        return Request(self, text_ids, prompt_text, prompt_speech, voice, generator, max_tokens, min_tokens)
+    def request(self, text_ids: list[int], prompt_text: list[int], prompt_speech: list[int], voice,
+                generator: torch.Generator, *, max_tokens: int | None = None, min_tokens: int | None = None,
+                noise: torch.Tensor | None = None) -> Request:
+        return Request(self, text_ids, prompt_text, prompt_speech, voice, generator, max_tokens, min_tokens, noise)
 
 
 class Request:
     def __init__(self, pipe: Pipeline, text_ids, prompt_text, prompt_speech, voice, generator,
-                 max_tokens: int | None, min_tokens: int | None) -> None:
+                 max_tokens: int | None, min_tokens: int | None, noise: torch.Tensor | None) -> None:
+        from edge_runtime.models.cosyvoice.flow.inputs import NOISE_FRAMES
+
         self.pipe, self.generator = pipe, generator
         self.text_ids, self.prompt_text, self.prompt_speech = text_ids, prompt_text, prompt_speech
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
@@ -53,19 +71,17 @@ class Request:
         self.prompt_feat = torch.as_tensor(feat, dtype=torch.float32).reshape(1, -1, 80).to(dev)
         emb = tensors.get("embedding")
         self.embedding = (torch.zeros(1, 192) if emb is None else torch.as_tensor(emb).reshape(1, -1)).to(dev)
+        # upstream's fixed buffer covers NOISE_FRAMES frames (300 s), prompt included
+        self.noise = noise if noise is not None else torch.randn(1, 80, NOISE_FRAMES, generator=generator)
+        self.room = self.noise.shape[2] // pipe.mel_per_token - self.flow_prompt.shape[1]
         self._closers: list[Any] = []
 
     # -- the LM ----------------------------------------------------------------------------------
     def tokens(self) -> Iterator[int]:
-        from edge_runtime.models.cosyvoice.flow.inputs import NOISE_FRAMES
-
-        # the flow's noise covers NOISE_FRAMES frames (upstream's fixed buffer: 300 s), prompt included
-        room = NOISE_FRAMES // self.pipe.mel_per_token - self.flow_prompt.shape[1]
         caps = [c for c in (self.max_tokens, self.pipe.token_cap) if c is not None]
-        if self.max_tokens is None and len(self.text_ids) * MAX_TOKEN_RATIO <= room:
-            cap = min(caps) if caps else None  # the LM's own limit fits
-        else:
-            cap = min([*caps, room])
+        if len(self.text_ids) * MAX_TOKEN_RATIO > self.room:
+            caps.append(self.room)  # the flow's noise must cover every frame the LM may ask for
+        cap = min(caps) if caps else None
         minimum = self.min_tokens if self.min_tokens is None or cap is None else min(self.min_tokens, cap)
         gen = self.pipe.lm.generate(self.text_ids, self.prompt_text, self.prompt_speech, generator=self.generator,
                                     min_tokens=minimum, max_tokens=cap)
@@ -73,21 +89,25 @@ class Request:
         return gen
 
     # -- whole -------------------------------------------------------------------------------------
-    def whole(self, speed: float = 1.0) -> np.ndarray:
+    def whole(self, speed: float = 1.0, tokens: Iterable[int] | None = None) -> np.ndarray:
+        """The sentence's audio in one piece (full attention in the flow, as upstream offline);
+        ``tokens`` replace the LM's (tests, voice conversion)."""
+        from edge_runtime.models.cosyvoice.hift_stream import vocode
+
         with torch.inference_mode():
-            tokens = list(self.tokens())
+            tokens = list(self.tokens() if tokens is None else tokens)
             if not tokens:
                 return np.zeros(0, np.float32)
-            token_tensor = torch.tensor([tokens], dtype=torch.long, device=self.pipe.device)
+            token_tensor = torch.tensor([tokens], dtype=torch.long)
             mel = self.pipe.flow.inference(token_tensor, self.flow_prompt, self.prompt_feat, self.embedding,
-                                           generator=self.generator, streaming=False, finalize=True)
-            from edge_runtime.models.cosyvoice.hift_stream import vocode
-
+                                           noise=self.noise, streaming=False, finalize=True)
             wav = vocode(self.pipe.hift, mel.float(), generator=self.generator, speed=speed)
         return wav.reshape(-1).float().cpu().numpy()
 
     # -- streamed ------------------------------------------------------------------------------------
-    def stream(self) -> Iterator[np.ndarray]:
+    def stream(self, tokens: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+        """Audio chunks as soon as each hop of tokens (+ lookahead) is sampled; ``tokens`` replace
+        the LM's (tests)."""
         from edge_runtime.models.cosyvoice.flow import FlowStream
         from edge_runtime.models.cosyvoice.hift_stream import HiFTStream
 
@@ -95,23 +115,22 @@ class Request:
         look = pipe.schedule.lookahead
         hops = pipe.schedule.hops(self.flow_prompt.shape[1])
         hop = next(hops)
-        tokens: list[int] = []
+        seen: list[int] = []
         offset = 0  # tokens already vocoded
         with torch.inference_mode():
-            flow = FlowStream(pipe.flow, self.flow_prompt, self.prompt_feat, self.embedding, generator=self.generator)
+            flow = FlowStream(pipe.flow, self.flow_prompt, self.prompt_feat, self.embedding, self.noise,
+                              final_pass=pipe.final_pass, max_cache_frames=pipe.max_cache_frames)
             hift = HiFTStream(pipe.hift, generator=self.generator)
             self._closers += [flow, hift]
-            for token in self.tokens():
-                tokens.append(token)
-                if len(tokens) - offset >= hop + look:
-                    chunk = torch.tensor([tokens[:offset + hop + look]], dtype=torch.long, device=pipe.device)
-                    mel = flow.push(chunk, finalize=False)
+            for token in self.tokens() if tokens is None else tokens:
+                seen.append(int(token))
+                if len(seen) - offset >= hop + look:
+                    mel = flow.push(torch.tensor([seen[:offset + hop + look]]), finalize=False)
                     yield hift.push(mel.float(), finalize=False).reshape(-1).float().cpu().numpy()
                     offset += hop
                     hop = next(hops)
-            if tokens:
-                chunk = torch.tensor([tokens], dtype=torch.long, device=pipe.device)
-                mel = flow.push(chunk, finalize=True)
+            if seen:
+                mel = flow.push(torch.tensor([seen]), finalize=True)
                 yield hift.push(mel.float(), finalize=True).reshape(-1).float().cpu().numpy()
 
     def close(self) -> None:

@@ -1,0 +1,67 @@
+"""The flow-matching solver (upstream ``CausalConditionalCFM`` at inference).
+
+From noise at t = 0 to mel at t = 1 in ``n_timesteps`` Euler steps on a cosine time schedule. Each
+step runs the estimator once on a batch of two: conditioned (encoder mel, speaker, prompt mel) and
+unconditioned (those three zeroed), combined as ``(1 + r) v_cond - r v_uncond`` (classifier-free
+guidance, r = 0.7). Step sizes follow upstream's accumulation (t += dt; dt = t_next - t) exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edge_runtime.models.cosyvoice.flow.config import FlowConfig
+from edge_runtime.models.cosyvoice.flow.estimator import CausalUNetEstimator
+from edge_runtime.models.cosyvoice.flow.incremental import LayerState
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """What every call with the same weights, dtype and device shares: step sizes and time biases."""
+
+    dt: torch.Tensor  # [S] Euler step sizes
+    time_biases: list[list[torch.Tensor]]  # [step][resnet block] -> [1, C]
+
+
+class CausalCFM(nn.Module):
+    def __init__(self, cfg: FlowConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.estimator = CausalUNetEstimator(cfg)
+
+    def plan(self, dtype: torch.dtype, device: torch.device) -> SolverPlan:
+        steps = self.cfg.n_timesteps
+        span = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+        if self.cfg.t_scheduler == "cosine":
+            span = 1 - torch.cos(span * 0.5 * torch.pi)
+        t, dt = span[0], span[1] - span[0]
+        times, sizes = [], []
+        for step in range(1, steps + 1):
+            times.append(t)
+            sizes.append(dt)
+            t = t + dt
+            if step < steps:
+                dt = span[step + 1] - t
+        return SolverPlan(torch.stack(sizes), self.estimator.time_biases(torch.stack(times)))
+
+    def solve(self, noise: torch.Tensor, mu: torch.Tensor, speaker: torch.Tensor, prompt: torch.Tensor, *,
+              plan: SolverPlan, mask: torch.Tensor | None,
+              states: list[LayerState] | None = None) -> torch.Tensor:
+        """noise, mu, prompt [1, 80, T]; speaker [1, 80] -> mel [1, 80, T].
+
+        ``mask`` [T, keys] for chunk-causal attention (None: full); ``states`` one per step when the T
+        frames continue frames computed before (their keys/values and conv context)."""
+        frames = noise.shape[2]
+        # the estimator works channels last: [B, T, C]
+        given = torch.cat([mu, speaker[:, :, None].expand(-1, -1, frames), prompt], dim=1).transpose(1, 2)
+        given = torch.cat([given, torch.zeros_like(given)])  # the unconditioned branch sees zeros
+        rate = self.cfg.cfg_rate
+        x = noise.transpose(1, 2)
+        for step, biases in enumerate(plan.time_biases):
+            v = self.estimator(torch.cat([x.expand(2, -1, -1), given], dim=2), biases, mask,
+                               None if states is None else states[step])
+            x = x + plan.dt[step] * ((1.0 + rate) * v[:1] - rate * v[1:])
+        return x.transpose(1, 2)
