@@ -41,7 +41,8 @@ def lm_tokens(llm, text, prompt_text, prompt_tok, n: int):
     """Exactly n tokens: upstream's min and max lengths are text_len * ratio."""
     ratio = n / text.shape[1]
     return llm.inference(text=text, text_len=torch.tensor([text.shape[1]], dtype=torch.int32),
-                         prompt_text=prompt_text, prompt_text_len=torch.tensor([prompt_text.shape[1]], dtype=torch.int32),
+                         prompt_text=prompt_text,
+                         prompt_text_len=torch.tensor([prompt_text.shape[1]], dtype=torch.int32),
                          prompt_speech_token=prompt_tok,
                          prompt_speech_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
                          embedding=torch.zeros(1, 0), sampling=25, max_token_text_ratio=ratio,
@@ -110,8 +111,10 @@ def main() -> int:
         res["lm_tokens"] = len(toks)
         t0 = time.perf_counter()
         mel, _ = flow.inference(token=ids(toks), token_len=torch.tensor([len(toks)], dtype=torch.int32),
-                                prompt_token=prompt_tok, prompt_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
-                                prompt_feat=prompt_feat, prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32),
+                                prompt_token=prompt_tok,
+                                prompt_token_len=torch.tensor([prompt_tok.shape[1]], dtype=torch.int32),
+                                prompt_feat=prompt_feat,
+                                prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=torch.int32),
                                 embedding=emb, streaming=False, finalize=True)
         res["flow_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -104,3 +104,33 @@ def test_each_request_has_its_own_hop(runtime, tmp_path):
     ref = reference(folder, tmp_path, ["flow"])
     firsts = [len(next(iter(our_request(rt, ref).stream(tokens=SPEECH)))) for _ in range(3)]
     assert firsts[0] == firsts[1] == firsts[2]
+
+
+def test_voice_prompt_state_is_reused_exactly(runtime):
+    """The flow's work on a voice prompt is kept for the last voice: a request with that voice starts
+    from it and gives exactly the audio of one that computes it again."""
+    _, rt = runtime
+    g = torch.Generator().manual_seed(9)
+    voice = PreparedVoice(tensors={"speech_tokens": torch.randint(0, 6561, (60,), generator=g, dtype=torch.int32),
+                                   "prompt_feat": torch.randn(120, 80, generator=g) - 5,
+                                   "embedding": torch.randn(192, generator=g)},
+                          model_id="tiny", sample_rate=16000, extra={"mode": "cross_lingual"})
+    pipe = rt.model.pipeline
+
+    def streamed() -> list[np.ndarray]:
+        request = pipe.request([1, 2, 3], [], [], voice, torch.Generator().manual_seed(5))
+        try:
+            return list(request.stream(tokens=SPEECH))
+        finally:
+            request.close()
+
+    pipe.prompt_state = None
+    computed = streamed()
+    assert pipe.prompt_state is not None and pipe.prompt_state[0] is voice.tensors["speech_tokens"]
+    reused = streamed()
+    pipe.prompt_state = None
+    rt.model.warm_voice(voice)  # what prepare_voice does
+    assert pipe.prompt_state[0] is voice.tensors["speech_tokens"]
+    again = streamed()
+    assert len(computed) == len(reused) == len(again) > 1
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(computed, reused, again))

@@ -187,8 +187,16 @@ class CosyVoice2Model(SpeechModel):
 
         transcript = normalize_text(transcript) if transcript and transcript.strip() else None
         prompt = self.frontend.prepare_prompt(audio, sample_rate, transcript)
-        return PreparedVoice(tensors=prompt.tensors(), model_id=self.model_id, sample_rate=sample_rate,
-                             transcript=transcript, extra={"mode": prompt.mode.value})
+        voice = PreparedVoice(tensors=prompt.tensors(), model_id=self.model_id, sample_rate=sample_rate,
+                              transcript=transcript, extra={"mode": prompt.mode.value})
+        self.warm_voice(voice)
+        return voice
+
+    def warm_voice(self, voice: PreparedVoice) -> None:
+        """Run the flow on the voice prompt's own chunks once, now: the streamed requests with this
+        voice start from there (the pipeline keeps the last voice's), so their first audio waits only
+        for the flow of their own first hop."""
+        self.pipeline.request([0], [], [], voice, torch.Generator().manual_seed(0)).warm()
 
     # -- synthesis ---------------------------------------------------------------------------------
     def lm_prompt(self, voice: PreparedVoice | None, settings: SynthesisSettings) -> tuple[list[int], list[int]]:

@@ -141,7 +141,8 @@ def _onnx_session(path: Path, io: tuple[tuple[str, ...], tuple[str, ...]], threa
     try:
         import onnxruntime as ort
     except ImportError:
-        raise InvalidInputError("CosyVoice2 voice prompts need onnxruntime: pip install 'edge-runtime[cosyvoice]' (or onnxruntime)") from None
+        raise InvalidInputError("CosyVoice2 voice prompts need onnxruntime: "
+                                "pip install 'edge-runtime[cosyvoice]' (or onnxruntime)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -5,8 +5,12 @@ next chunk (its hop + the flow's lookahead) is complete, and if so the flow comp
 frames (earlier frames are final under the chunk-causal masks, so nothing is recomputed) and the
 vocoder continues from its caches. All state is the request's: nothing carries over to the next one.
 
-Randomness comes from the request's generator: the flow noise is drawn from it first (the frames of
-upstream's fixed buffer), then LM sampling and the vocoder's source draw from it as they go.
+Randomness comes from the request's generator: the flow noise of the generated frames is drawn from
+it first, then LM sampling and the vocoder's source draw from it as they go. The voice prompt's frames
+take upstream's fixed noise (its buffer drawn after seed 0), so that the flow's work on a voice
+prompt is the same for every request: the pipeline keeps it for the last voice prepared or used (one
+slot, computed when the voice is prepared) and a request with that voice starts from it, its first
+audio waiting only for the flow of its own hop.
 
 Choice: the last streamed chunk is computed like the others (chunk-causal), not by upstream's full
 re-run of the flow over every token (which makes the final chunk cost a whole offline flow, a stall
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.models.cosyvoice.flow.inputs import NOISE_FRAMES
 from edge_runtime.models.cosyvoice.schedule import StreamSchedule
 
 MAX_TOKEN_RATIO = 20  # upstream's max_token_text_ratio: the LM's own cap per text token
@@ -45,6 +50,10 @@ class Pipeline:
         self.mel_per_token = cfg.token_mel_ratio
         element = torch.tensor([], dtype=dtype).element_size()
         self.max_cache_frames = flow_cache_bytes // cfg.cache_bytes_per_frame(element)
+        self.fixed_noise = torch.randn(1, 80, NOISE_FRAMES, generator=torch.Generator().manual_seed(0))
+        # (a voice's speech-token tensor, FlowStream after the voice prompt's own chunks): reused by
+        # requests with that voice
+        self.prompt_state: tuple[Any, Any] | None = None
         # Speech tokens per sentence at most (None: the LM's own limit, 20 per text token). Benchmarks
         # cap random-weight models, which never stop by themselves.
         self.token_cap: int | None = None
@@ -58,9 +67,7 @@ class Pipeline:
 class Request:
     def __init__(self, pipe: Pipeline, text_ids, prompt_text, prompt_speech, voice, generator,
                  max_tokens: int | None, min_tokens: int | None, noise: torch.Tensor | None) -> None:
-        from edge_runtime.models.cosyvoice.flow.inputs import NOISE_FRAMES
-
-        self.pipe, self.generator = pipe, generator
+        self.pipe, self.generator, self.voice = pipe, generator, voice
         self.text_ids, self.prompt_text, self.prompt_speech = text_ids, prompt_text, prompt_speech
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
         tensors: dict[str, Any] = voice.tensors if voice is not None else {}
@@ -71,8 +78,14 @@ class Request:
         self.prompt_feat = torch.as_tensor(feat, dtype=torch.float32).reshape(1, -1, 80).to(dev)
         emb = tensors.get("embedding")
         self.embedding = (torch.zeros(1, 192) if emb is None else torch.as_tensor(emb).reshape(1, -1)).to(dev)
-        # upstream's fixed buffer covers NOISE_FRAMES frames (300 s), prompt included
-        self.noise = noise if noise is not None else torch.randn(1, 80, NOISE_FRAMES, generator=generator)
+        # upstream's fixed buffer covers NOISE_FRAMES frames (300 s), prompt included; explicit noise
+        # (tests) is used as given, and then no prompt state is shared
+        self.shared_prompt = noise is None and voice is not None
+        if noise is None:
+            noise = torch.randn(1, 80, NOISE_FRAMES, generator=generator)
+            prompt_frames = self.flow_prompt.shape[1] * pipe.mel_per_token
+            noise[:, :, :prompt_frames] = pipe.fixed_noise[:, :, :prompt_frames]
+        self.noise = noise
         self.room = self.noise.shape[2] // pipe.mel_per_token - self.flow_prompt.shape[1]
         self._closers: list[Any] = []
 
@@ -108,7 +121,6 @@ class Request:
     def stream(self, tokens: Iterable[int] | None = None) -> Iterator[np.ndarray]:
         """Audio chunks as soon as each hop of tokens (+ lookahead) is sampled; ``tokens`` replace
         the LM's (tests)."""
-        from edge_runtime.models.cosyvoice.flow import FlowStream
         from edge_runtime.models.cosyvoice.hift_stream import HiFTStream
 
         pipe = self.pipe
@@ -118,8 +130,7 @@ class Request:
         seen: list[int] = []
         offset = 0  # tokens already vocoded
         with torch.inference_mode():
-            flow = FlowStream(pipe.flow, self.flow_prompt, self.prompt_feat, self.embedding, self.noise,
-                              final_pass=pipe.final_pass, max_cache_frames=pipe.max_cache_frames)
+            flow = self._flow_stream()
             hift = HiFTStream(pipe.hift, generator=self.generator)
             self._closers += [flow, hift]
             for token in self.tokens() if tokens is None else tokens:
@@ -132,6 +143,28 @@ class Request:
             if seen:
                 mel = flow.push(torch.tensor([seen]), finalize=True)
                 yield hift.push(mel.float(), finalize=True).reshape(-1).float().cpu().numpy()
+
+    def _flow_stream(self):
+        """A FlowStream past the voice prompt's own chunks: forked from the pipeline's slot when the
+        last request used this voice, else computed (and kept in the slot for the next)."""
+        from edge_runtime.models.cosyvoice.flow import FlowStream
+
+        pipe = self.pipe
+        slot = pipe.prompt_state
+        if self.shared_prompt and slot is not None and slot[0] is self.voice.tensors.get("speech_tokens"):
+            return slot[1].fork(self.noise)
+        flow = FlowStream(pipe.flow, self.flow_prompt, self.prompt_feat, self.embedding, self.noise,
+                          final_pass=pipe.final_pass, max_cache_frames=pipe.max_cache_frames)
+        if self.shared_prompt and self.flow_prompt.shape[1] >= pipe.schedule.chunk + pipe.schedule.lookahead:
+            pipe.prompt_state = None  # the previous voice's state goes before this one is made
+            flow.push(torch.zeros(1, 0, dtype=torch.long))
+            pipe.prompt_state = (self.voice.tensors.get("speech_tokens"), flow.fork())
+        return flow
+
+    def warm(self) -> None:
+        """Compute the voice prompt's flow chunks now (voice preparation) for the requests to come."""
+        with torch.inference_mode():
+            self._flow_stream().close()
 
     def close(self) -> None:
         for item in self._closers:

@@ -49,6 +49,14 @@ class KVStore:
         self.length = end
         return self._k[:, :end], self._v[:, :end]
 
+    def copy(self) -> KVStore:
+        """An independent copy of the history (capacity trimmed to what is used)."""
+        out = KVStore(self.max_frames)
+        if self._k is not None:
+            out._k, out._v = self._k[:, :self.length].clone(), self._v[:, :self.length].clone()
+        out.length = self.length
+        return out
+
     def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
         b, _, h, d = k.shape
         grown_k, grown_v = k.new_empty(b, capacity, h, d), v.new_empty(b, capacity, h, d)
@@ -74,6 +82,14 @@ class LayerState:
     def nbytes(self) -> int:
         left = sum(t.numel() * t.element_size() for t in self._left.values())
         return left + sum(s.nbytes for s in self._kv.values())
+
+    def copy(self) -> LayerState:
+        """An independent copy: what later frames add to it leaves this one as it is."""
+        out = LayerState(self.max_frames)
+        out.keep = self.keep
+        out._left = dict(self._left)  # never written in place: replaced by new tensors
+        out._kv = {layer: store.copy() for layer, store in self._kv.items()}
+        return out
 
     def padded(self, conv: nn.Module, x: torch.Tensor, context: int) -> torch.Tensor:
         """``x`` [B, T, C] preceded by the ``context`` frames before it (zeros at the start)."""

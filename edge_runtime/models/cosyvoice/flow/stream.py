@@ -23,6 +23,7 @@ the last chunk costs like any other) and equals ``inference(streaming=True)`` ov
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -105,6 +106,20 @@ class FlowStream:
         if finalize:
             self.close()
         return mel
+
+    def fork(self, noise: torch.Tensor | None = None) -> FlowStream:
+        """An independent stream continuing from this one's state (e.g. a voice prompt's chunks,
+        computed once and reused by every request with that voice). ``noise`` replaces the buffer for
+        the frames not computed yet; the computed frames must have used the same noise."""
+        if self._closed:
+            raise InvalidInputError("FlowStream.fork: the stream is finalised or closed")
+        out = copy.copy(self)
+        out._encoder = self._encoder.copy()
+        out._steps = [state.copy() for state in self._steps]
+        if noise is not None:
+            device, dtype = self._flow.placement
+            out._noise = inputs.noise_buffer(noise, None, self._cfg.mel_bins, dtype, device)
+        return out
 
     def close(self) -> None:
         """Free the caches; later pushes are refused."""
