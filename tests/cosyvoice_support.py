@@ -63,3 +63,39 @@ def run_reference(model_dir: Path, request: dict, out: Path) -> dict[str, np.nda
     _run([str(py), str(SCRIPTS / "cosyvoice_reference_run.py"), str(model_dir), str(out)], stdin=json.dumps(request))
     with np.load(out) as z:
         return {k: z[k] for k in z.files}
+
+
+_REFERENCE_SHAPES = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import cosyvoice_reference_run as ref
+from hyperpyyaml import load_hyperpyyaml
+ref.SECTIONS = (sys.argv[3],)
+with open(sys.argv[2]) as f:
+    text = ref.trimmed_yaml(f.read())
+with torch.device("meta"):
+    module = load_hyperpyyaml(text)[sys.argv[3]]
+print(json.dumps({k: list(v.shape) for k, v in module.state_dict().items()}))
+"""
+
+
+def published_yaml(folder: Path) -> Path:
+    """cosyvoice2.yaml with CosyVoice2-0.5B's published numbers, written into ``folder``."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import cosyvoice_testmodel as testmodel
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    path = folder / "cosyvoice2.yaml"
+    path.write_text(testmodel.YAML.format(**testmodel.SIZES["published"]))
+    return path
+
+
+def reference_shapes(yaml_path: Path, section: str) -> dict[str, list[int]]:
+    """State-dict keys -> shapes of the reference's ``section`` module ("flow", "hift") built on the
+    meta device from ``yaml_path`` by upstream's own hyperpyyaml construction."""
+    py = require_reference()
+    out = _run([str(py), "-c", _REFERENCE_SHAPES, str(SCRIPTS), str(yaml_path), section])
+    return json.loads(out.strip().splitlines()[-1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import soundfile as sf
 import torch
 
 import edge_runtime
-from cosyvoice_support import SCRIPTS, require_reference, tiny_model_dir
+from cosyvoice_support import published_yaml, require_reference, tiny_model_dir
 from edge_runtime.serving.cli import main
 
 pytestmark = pytest.mark.slow
@@ -28,14 +27,11 @@ TEXT = "Hello world, this is a test."
 def published_config_folder(root: Path) -> Path:
     """cosyvoice2.yaml and CosyVoice-BlankEN/config.json at CosyVoice2-0.5B's published sizes: what
     `plan` needs before any download (no weights)."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import cosyvoice_testmodel as testmodel
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    sizes = testmodel.SIZES["published"]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "cosyvoice2.yaml").write_text(testmodel.YAML.format(**sizes))
+    published_yaml(root)  # imports scripts/cosyvoice_testmodel.py (then in sys.modules)
+    import cosyvoice_testmodel as testmodel
+
+    sizes = testmodel.SIZES["published"]
     (root / "CosyVoice-BlankEN").mkdir(exist_ok=True)
     qwen = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": sizes["qwen_vocab"],
             "hidden_size": sizes["llm_size"], "intermediate_size": sizes["qwen_ffn"],

@@ -13,15 +13,13 @@ is the runner's schedule driving the reference's own flow.inference / token2wav.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cosyvoice_support import SCRIPTS, _run, require_reference, run_reference, tiny_model_dir
+from cosyvoice_support import published_yaml, reference_shapes, require_reference, run_reference, tiny_model_dir
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.models.cosyvoice import flow as FL
 
@@ -184,30 +182,9 @@ def test_cache_size_estimate() -> None:
     assert cfg.cache_bytes_per_frame(2) * 2 == cfg.cache_bytes_per_frame(4)
 
 
-REF_KEYS = """
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-import cosyvoice_reference_run as ref
-from hyperpyyaml import load_hyperpyyaml
-ref.SECTIONS = ("flow",)
-with open(sys.argv[2]) as f:
-    text = ref.trimmed_yaml(f.read())
-with torch.device("meta"):
-    flow = load_hyperpyyaml(text)["flow"]
-print(json.dumps({k: list(v.shape) for k, v in flow.state_dict().items()}))
-"""
-
-
 def test_published_keys_and_shapes_match_reference(tmp_path: Path) -> None:
-    py = require_reference()
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import cosyvoice_testmodel as testmodel
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    yaml_path = tmp_path / "cosyvoice2.yaml"
-    yaml_path.write_text(testmodel.YAML.format(**testmodel.SIZES["published"]))
-    theirs = json.loads(_run([str(py), "-c", REF_KEYS, str(SCRIPTS), str(yaml_path)]).strip().splitlines()[-1])
+    yaml_path = published_yaml(tmp_path)
+    theirs = reference_shapes(yaml_path, "flow")
     cfg = FL.FlowConfig.from_yaml(yaml_path)
     assert cfg == FL.FlowConfig()  # the published numbers are the defaults
     ours = FL.build(cfg, device="meta")

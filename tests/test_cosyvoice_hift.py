@@ -6,16 +6,14 @@ support module's reason when it is missing.
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cosyvoice_support import SCRIPTS, _run, require_reference, run_reference, tiny_model_dir
+from cosyvoice_support import published_yaml, reference_shapes, require_reference, run_reference, tiny_model_dir
 from edge_runtime.models.cosyvoice import hift as H
 
 pytestmark = pytest.mark.slow
@@ -107,30 +105,9 @@ def test_legacy_weight_norm_names_load(voiced_dir: Path) -> None:
         assert torch.equal(v, sd[k]), k
 
 
-REF_KEYS = """
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-import cosyvoice_reference_run as ref
-from hyperpyyaml import load_hyperpyyaml
-ref.SECTIONS = ("hift",)
-with open(sys.argv[2]) as f:
-    text = ref.trimmed_yaml(f.read())
-with torch.device("meta"):
-    hift = load_hyperpyyaml(text)["hift"]
-print(json.dumps({k: list(v.shape) for k, v in hift.state_dict().items()}))
-"""
-
-
 def test_published_keys_and_shapes_match_reference(tmp_path: Path) -> None:
-    py = require_reference()
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import cosyvoice_testmodel as testmodel
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    yaml_path = tmp_path / "cosyvoice2.yaml"
-    yaml_path.write_text(testmodel.YAML.format(**testmodel.SIZES["published"]))
-    theirs = json.loads(_run([str(py), "-c", REF_KEYS, str(SCRIPTS), str(yaml_path)]).strip().splitlines()[-1])
+    yaml_path = published_yaml(tmp_path)
+    theirs = reference_shapes(yaml_path, "hift")
     cfg = H.HiFTConfig.from_yaml(yaml_path)
     assert cfg == H.HiFTConfig()  # the published numbers are the defaults
     ours = H.build(cfg, device="meta")

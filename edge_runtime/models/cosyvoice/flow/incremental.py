@@ -25,6 +25,7 @@ class KVStore:
         self._v: torch.Tensor | None = None
         self.length = 0
         self.max_frames = max_frames
+        self._shared = False  # the tensors are another store's too (see copy)
 
     @property
     def nbytes(self) -> int:
@@ -39,22 +40,23 @@ class KVStore:
                 return k, v
             return torch.cat([self._k[:, :n], k], dim=1), torch.cat([self._v[:, :n], v], dim=1)
         end = n + k.shape[1]
-        if self._k is None or self._k.shape[1] < end:
+        if self._k is None or self._k.shape[1] < end or self._shared:
             doubled = 2 * (0 if self._k is None else self._k.shape[1])
             if self.max_frames is not None:
                 doubled = min(doubled, self.max_frames)
             self._grow(k, v, max(end, doubled))
+            self._shared = False
         self._k[:, n:end] = k
         self._v[:, n:end] = v
         self.length = end
         return self._k[:, :end], self._v[:, :end]
 
     def copy(self) -> KVStore:
-        """An independent copy of the history (capacity trimmed to what is used)."""
+        """An independent copy of the history. Copy on write: both share the tensors until either
+        keeps new frames, which then moves its history into a buffer of its own."""
         out = KVStore(self.max_frames)
-        if self._k is not None:
-            out._k, out._v = self._k[:, :self.length].clone(), self._v[:, :self.length].clone()
-        out.length = self.length
+        out._k, out._v, out.length = self._k, self._v, self.length
+        out._shared = self._shared = self._k is not None
         return out
 
     def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
