@@ -3,7 +3,8 @@
 Streaming runs the LM and the vocoding in one thread: after each sampled token it checks whether the
 next chunk (its hop + the flow's lookahead) is complete, and if so the flow computes only that chunk's
 frames (earlier frames are final under the chunk-causal masks, so nothing is recomputed) and the
-vocoder continues from its caches. All state is the request's: nothing carries over to the next one.
+vocoder continues from its caches. Every cache and hop is the request's own; the only state kept
+between requests is the voice prompt's flow work (below), bounded to one voice.
 
 Randomness comes from the request's generator: the flow noise of the generated frames is drawn from
 it first, then LM sampling and the vocoder's source draw from it as they go. The voice prompt's frames
