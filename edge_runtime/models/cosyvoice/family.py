@@ -202,14 +202,12 @@ class CosyVoice2Model(SpeechModel):
     def lm_prompt(self, voice: PreparedVoice | None, settings: SynthesisSettings) -> tuple[list[int], list[int]]:
         """(prompt text ids, prompt speech tokens) the LM reads before the target text: the voice's
         transcript and tokens (zero-shot), nothing (cross-lingual, no voice), or the instruction."""
-        from edge_runtime.models.cosyvoice.frontend import CosyVoicePrompt, LMPrompt
+        from edge_runtime.models.cosyvoice.frontend import CosyVoicePrompt
 
         instruction = self.frontend.instruction_ids(settings.instructions.strip()) if settings.instructions else []
-        if voice is None:
-            none = torch.zeros(0, dtype=torch.int32)
-            lm = LMPrompt(torch.tensor(instruction, dtype=torch.int32), none) if instruction else LMPrompt(none, none)
-        else:
-            lm = CosyVoicePrompt.from_tensors(voice.tensors).lm_prompt(instruction_ids=instruction)
+        if voice is None:  # instruct or nothing: neither reads a voice
+            return instruction, []
+        lm = CosyVoicePrompt.from_tensors(voice.tensors).lm_prompt(instruction_ids=instruction)
         return lm.text_ids.tolist(), lm.speech_tokens.tolist()
 
     def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.models.cosyvoice.flow.inputs import NOISE_FRAMES
+from edge_runtime.models.cosyvoice.flow.inputs import noise_buffer
 from edge_runtime.models.cosyvoice.schedule import StreamSchedule
 
 MAX_TOKEN_RATIO = 20  # upstream's max_token_text_ratio: the LM's own cap per text token
@@ -51,7 +51,7 @@ class Pipeline:
         self.mel_per_token = cfg.token_mel_ratio
         element = torch.tensor([], dtype=dtype).element_size()
         self.max_cache_frames = flow_cache_bytes // cfg.cache_bytes_per_frame(element)
-        self.fixed_noise = torch.randn(1, 80, NOISE_FRAMES, generator=torch.Generator().manual_seed(0))
+        self.fixed_noise = noise_buffer(None, None, cfg.mel_bins, torch.float32, torch.device("cpu"))  # upstream's
         # (a voice's speech-token tensor, FlowStream after the voice prompt's own chunks): reused by
         # requests with that voice
         self.prompt_state: tuple[Any, Any] | None = None
@@ -79,11 +79,11 @@ class Request:
         self.prompt_feat = torch.as_tensor(feat, dtype=torch.float32).reshape(1, -1, 80).to(dev)
         emb = tensors.get("embedding")
         self.embedding = (torch.zeros(1, 192) if emb is None else torch.as_tensor(emb).reshape(1, -1)).to(dev)
-        # upstream's fixed buffer covers NOISE_FRAMES frames (300 s), prompt included; explicit noise
+        # the buffer covers flow.inputs.NOISE_FRAMES frames (300 s), prompt included; explicit noise
         # (tests) is used as given, and then no prompt state is shared
         self.shared_prompt = noise is None and voice is not None
         if noise is None:
-            noise = torch.randn(1, 80, NOISE_FRAMES, generator=generator)
+            noise = noise_buffer(None, generator, pipe.parts.flow.mel_bins, torch.float32, torch.device("cpu"))
             prompt_frames = self.flow_prompt.shape[1] * pipe.mel_per_token
             noise[:, :, :prompt_frames] = pipe.fixed_noise[:, :, :prompt_frames]
         self.noise = noise
