@@ -114,6 +114,28 @@ def test_modes_reach_the_lm_and_flow(tiny, prompt):
         rt.close()
 
 
+def test_cpu_profile_decodes_with_bf16_weights_and_keeps_the_rest_fp32(tiny):
+    """The LM is bandwidth-bound on a CPU: the cpu profile gives it bf16 weights; flow and HiFT
+    (compute-bound) stay fp32, and precision.cpu_decoder_dtype=fp32 restores an all-fp32 model."""
+    dtypes = {}
+    for setting in ("bf16", "fp32"):
+        rt = edge_runtime.load(str(tiny), profile="cpu", overrides=(*THREADS, f"precision.cpu_decoder_dtype={setting}"))
+        try:
+            m = rt.model
+            dtypes[setting] = {name: {p.dtype for p in part.parameters()}
+                               for name, part in (("llm", m.lm), ("flow", m.flow), ("hift", m.hift))}
+            embeds = m.lm.input_embeds([1, 2, 3, 4], [], [5, 6, 7])
+            logits = m.lm.logits(embeds).float()
+        finally:
+            rt.close()
+        dtypes[setting]["logits"] = logits
+    assert dtypes["bf16"]["llm"] == {torch.bfloat16} and dtypes["fp32"]["llm"] == {torch.float32}
+    for setting in ("bf16", "fp32"):
+        assert dtypes[setting]["flow"] == {torch.float32} and dtypes[setting]["hift"] == {torch.float32}
+    diff = (dtypes["bf16"]["logits"] - dtypes["fp32"]["logits"]).abs().max().item()
+    assert 0 < diff < 0.05 * dtypes["fp32"]["logits"].abs().max().item()  # rounded, not broken
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("missing", ["llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx",
                                      "CosyVoice-BlankEN/vocab.json", "cosyvoice2.yaml"])
@@ -209,8 +231,10 @@ def test_server_voice_upload_speech_stream_and_instructions(tiny, prompt):
 
 # -- every backend gives the resident audio --------------------------------------------------------
 # A tier too small for anything: the LM's layers compute on the CPU, the flow streams its blocks.
+# Its LM reads bf16 weights on the CPU, as the cpu profile's does (precision.cpu_decoder_dtype).
 TINY_TIER = ("memory.vram_gib=0.005", "memory.reserve_gib=0", "offload.keep_resident=[]",
-             "batching.max_batch=1", "precision.dtype=fp32", "runtime.threads=1")
+             "batching.max_batch=1", "precision.dtype=fp32", "precision.cpu_decoder_dtype=bf16",
+             "runtime.threads=1")
 
 
 @pytest.fixture(scope="module")

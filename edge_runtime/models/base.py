@@ -78,6 +78,7 @@ class Placer(ABC):
     device: torch.device  # execution device
     dtype: torch.dtype  # compute dtype of floating weights
     fp32_components: tuple[str, ...] = ()  # the profile's components kept fp32
+    decoder_dtype: torch.dtype | None = None  # an autoregressive LM's weights; None: ``dtype``
 
     @property
     @abstractmethod

@@ -98,6 +98,10 @@ class BackendPlacer(Placer):
         self.device = torch.device(resolution.device)
         self.dtype = resolution.torch_dtype
         self.fp32_components = tuple(resolution.profile.precision.fp32_components)
+        # on the CPU, a bandwidth-bound decoder may read bf16 weights while the rest computes in fp32
+        wants_bf16 = resolution.profile.precision.cpu_decoder_dtype == "bf16"
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.decoder_dtype = torch.bfloat16 if cpu_fp32 and wants_bf16 else self.dtype
         offload_dir = resolution.profile.offload.offload_dir
         self.offload_dir = Path(offload_dir).expanduser() if offload_dir else None
         self.handles: dict[str, Any] = {}  # sub-model name -> the backend's LoadedModel

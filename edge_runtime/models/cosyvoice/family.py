@@ -144,12 +144,14 @@ class CosyVoice2Model(SpeechModel):
             with torch.device("meta"):
                 expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
             files.check_state_dict(folder / files.CHECKPOINTS[name], expected)
+        # the LM decodes token by token: on a CPU its weights may be bf16 (see precision.cpu_decoder_dtype)
+        lm_dtype = placer.decoder_dtype or placer.dtype
         lm = placer.place(SubModel("", parts.build_lm, folder / files.CHECKPOINTS[""],
-                                   no_split_modules=("Qwen2DecoderLayer",)))
+                                   no_split_modules=("Qwen2DecoderLayer",), dtype=lm_dtype))
         flow = placer.place(SubModel("flow", parts.build_flow, folder / files.CHECKPOINTS["flow"]))
         hift = placer.place(SubModel("hift", parts.build_hift, folder / files.CHECKPOINTS["hift"],
                                      dtype=torch.float32))
-        lm.set_execution(placer.device, placer.dtype)
+        lm.set_execution(placer.device, lm_dtype)
         flow.set_execution(placer.device, placer.dtype)
         return cls(source.model_id, folder, parts, lm, flow, hift, placer.device, placer.dtype)
 
