@@ -1,17 +1,21 @@
-"""CosyVoice2 (FunAudioLLM/CosyVoice2-0.5B) as a family: an LM that turns text into 25 Hz speech
-tokens, a flow that turns tokens into a mel spectrogram conditioned on the voice prompt, and the HiFT
-vocoder; front ends (speaker embedding, speech tokenizer) run by onnxruntime on the CPU.
+"""CosyVoice2 (FunAudioLLM/CosyVoice2-0.5B) and CosyVoice3 (Fun-CosyVoice3-0.5B-2512) as one family: an
+LM that turns text into 25 Hz speech tokens, a flow that turns tokens into a mel spectrogram conditioned
+on the voice prompt, and the HiFT vocoder; front ends (speaker embedding, speech tokenizer) run by
+onnxruntime on the CPU. The folder's files say which version it is (folder.detect).
 
 Three sub-models in one plan, each from its own state dict:
   ""     llm.pt   text_embedding (Qwen's 151936-row table: only looked up, the planner may leave it on
                   the CPU), llm (24 Qwen2 layers, one forward per speech token), llm_head
-  flow   flow.pt  flow_encoder and flow_estimator (run per streamed chunk, 10 Euler steps each)
-  hift   hift.pt  the vocoder, always fp32 (its source and iSTFT are not half-precision safe)
+  flow   flow.pt  flow_encoder (v2: the conformer; v3: embedding + pre-lookahead convs) and
+                  flow_estimator (v2: the UNet; v3: the 22-block DiT), run per streamed chunk, 10 Euler steps
+  hift   hift.pt  the vocoder (v3: its causal variant), always fp32 (source and iSTFT are not
+                  half-precision safe)
 
 Voices: zero-shot (prompt audio + transcript), cross-lingual (prompt audio only: the LM gets no prompt,
 the flow still clones the timbre) and instruct (OpenAI's `instructions`: the LM reads
-"<instructions><|endofprompt|>" in place of the prompt transcript and no prompt tokens). What upstream
-caches per speaker is the PreparedVoice, counted in bytes by the voice cache.
+"<instructions><|endofprompt|>" in place of the prompt transcript and no prompt tokens). CosyVoice3's
+LM also reads a system prompt ending in <|endofprompt|> before any of these, as upstream's examples
+write it. What upstream caches per speaker is the PreparedVoice, counted in bytes by the voice cache.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from edge_runtime.prepared_voice import PreparedVoice
 
 log = logging.getLogger(__name__)
 
+# What CosyVoice3's LM reads before <|endofprompt|> in every upstream example
+SYSTEM_PROMPT = "You are a helpful assistant."
 TOKEN_RATE = 25.0  # speech tokens per second of audio
 PROMPT_RATE = 16000  # front ends read 16 kHz prompts (the flow's prompt mel is made at 24 kHz from it)
 
@@ -47,45 +53,65 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
+def _marks_table(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """CosyVoice2's sos/task table (CosyVoice3 keeps those marks in its speech embedding)."""
+    return [lm.llm_embedding] if hasattr(lm, "llm_embedding") else []
+
+
 class _Parts:
-    """The three skeletons, built from the folder's configs (on whatever device is current)."""
+    """The three skeletons of the folder's CosyVoice version, built from its configs (on whatever
+    device is current)."""
 
     def __init__(self, folder: Path) -> None:
-        from edge_runtime.models.cosyvoice.flow import FlowConfig
-        from edge_runtime.models.cosyvoice.hift import HiFTConfig
         from edge_runtime.models.cosyvoice.llm import LMConfig
         from edge_runtime.models.cosyvoice.yaml_config import load as load_yaml
 
-        path = folder / files.YAML
+        self.version = files.detect(folder)
+        v3 = self.version is files.V3
+        if v3:
+            from edge_runtime.models.cosyvoice.dit import DiTFlowConfig as FlowConfig
+            from edge_runtime.models.cosyvoice.hift_causal import CausalHiFTConfig as HiFTConfig
+        else:
+            from edge_runtime.models.cosyvoice.flow import FlowConfig
+            from edge_runtime.models.cosyvoice.hift import HiFTConfig
+        path = folder / self.version.yaml
         try:
             self.yaml = load_yaml(path)
-            self.lm = LMConfig.from_folder(folder)
+            self.lm = LMConfig.from_folder(folder, version=3 if v3 else 2)
             self.flow = FlowConfig.from_yaml(path)
             self.hift = HiFTConfig.from_yaml(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InvalidInputError(f"cannot read the CosyVoice2 configs in {folder} ({files.YAML}, "
+            raise InvalidInputError(f"cannot read the {self.version.title} configs in {folder} ({self.version.yaml}, "
                                     f"{files.QWEN_DIR}/config.json): {exc}") from None
         self.sample_rate = int(self.yaml.get("sample_rate", 24000))
 
     def build_lm(self):
-        from edge_runtime.models.cosyvoice.llm import CosyVoice2LM
+        from edge_runtime.models.cosyvoice.llm import model_class
 
-        return CosyVoice2LM(self.lm)
+        return model_class(self.lm)(self.lm)
 
     def build_flow(self):
+        if self.version is files.V3:
+            from edge_runtime.models.cosyvoice.dit import CausalFlowDiT
+
+            return CausalFlowDiT(self.flow)
         from edge_runtime.models.cosyvoice.flow import CausalFlow
 
         return CausalFlow(self.flow)
 
     def build_hift(self):
+        if self.version is files.V3:
+            from edge_runtime.models.cosyvoice.hift_causal import CausalHiFTGenerator
+
+            return CausalHiFTGenerator(self.hift)
         from edge_runtime.models.cosyvoice.hift import HiFTGenerator
 
         return HiFTGenerator(self.hift)
 
 
 @register
-class CosyVoice2Model(SpeechModel):
-    family = "cosyvoice2"
+class CosyVoiceModel(SpeechModel):
+    family = "cosyvoice"
     supports_voice_prompt = True
     supports_instructions = True
     prompt_sample_rate = PROMPT_RATE
@@ -93,7 +119,6 @@ class CosyVoice2Model(SpeechModel):
     # -- the family ---------------------------------------------------------------------------
     @classmethod
     def recognises(cls, folder: Path) -> bool:
-        # CosyVoice3 folders too, so that loading one says what it is instead of "unknown model"
         return files.is_cosyvoice_folder(folder)
 
     @classmethod
@@ -106,19 +131,20 @@ class CosyVoice2Model(SpeechModel):
 
     @classmethod
     def config_files(cls) -> tuple[str, ...]:
-        return files.CONFIG_FILES
+        return tuple(dict.fromkeys(name for v in files.VERSIONS for name in v.config_files))
 
     @classmethod
     def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
         from edge_runtime.policy.planner import SPEECH_CHARS_PER_S, describe_model
 
-        files.check_files(source.path, files.CONFIG_FILES)
+        version = files.detect(source.path)
+        files.check_files(source.path, version.config_files)
         parts = _Parts(source.path)
         with torch.device("meta"):
             lm, flow, hift = parts.build_lm(), parts.build_flow(), parts.build_hift()
         backbone = lm.llm.model.model
         lm_parts = {"text_embedding": [backbone.embed_tokens], "llm": list(backbone.layers),
-                    "llm_head": [backbone.norm, lm.speech_embedding, lm.llm_embedding, lm.llm_decoder]}
+                    "llm_head": [backbone.norm, lm.speech_embedding, *_marks_table(lm), lm.llm_decoder]}
         tokens_per_char = TOKEN_RATE / SPEECH_CHARS_PER_S
         main = describe_model(lm, lm_parts, {"llm", "llm_head"}, dtype, fp32_components)
         main = main.with_hints(tokens_per_char=tokens_per_char, prompt_tokens_per_s=TOKEN_RATE,
@@ -135,7 +161,7 @@ class CosyVoice2Model(SpeechModel):
         return main.with_submodel("flow", flow_layout).with_submodel("hift", hift_layout)
 
     @classmethod
-    def load(cls, source: ModelSource, placer: Placer) -> CosyVoice2Model:
+    def load(cls, source: ModelSource, placer: Placer) -> CosyVoiceModel:
         folder = source.path
         files.check_files(folder)
         parts = _Parts(folder)
@@ -143,7 +169,7 @@ class CosyVoice2Model(SpeechModel):
         for name, build in builders.items():  # strict keys and shapes, before any weight is read
             with torch.device("meta"):
                 expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-            files.check_state_dict(folder / files.CHECKPOINTS[name], expected)
+            files.check_state_dict(folder / files.CHECKPOINTS[name], expected, parts.version.yaml)
         # the LM decodes token by token: on a CPU its weights may be bf16 (see precision.cpu_decoder_dtype)
         lm_dtype = placer.decoder_dtype or placer.dtype
         lm = placer.place(SubModel("", parts.build_lm, folder / files.CHECKPOINTS[""],
@@ -166,8 +192,9 @@ class CosyVoice2Model(SpeechModel):
         self.sample_rate = parts.sample_rate
         self.lm, self.flow, self.hift = lm, flow, hift
         self.device, self.dtype = device, dtype
-        self.tokenizer = CosyVoiceTextTokenizer(folder / files.QWEN_DIR)
-        self.frontend = CosyVoiceFrontend(folder, parts.yaml, tokenizer=self.tokenizer)
+        self.version = parts.version
+        self.tokenizer = CosyVoiceTextTokenizer(folder / files.QWEN_DIR, version=3 if parts.version is files.V3 else 2)
+        self.frontend = CosyVoiceFrontend(folder, parts.yaml, tokenizer=self.tokenizer, version=parts.version)
         self.pipeline = Pipeline(lm, flow, hift, parts, device, dtype)
 
     def components(self) -> dict[str, Any]:
@@ -180,7 +207,7 @@ class CosyVoice2Model(SpeechModel):
 
     def check_settings(self, settings: SynthesisSettings) -> None:
         if settings.speaker is not None:
-            raise InvalidInputError(f"{self.model_id} (CosyVoice2) has no built-in speakers; clone a voice "
+            raise InvalidInputError(f"{self.model_id} ({self.version.title}) has no built-in speakers; clone a voice "
                                     "from a prompt instead")
 
     # -- voices ----------------------------------------------------------------------------------
@@ -206,10 +233,19 @@ class CosyVoice2Model(SpeechModel):
         transcript and tokens (zero-shot), nothing (cross-lingual, no voice), or the instruction."""
         from edge_runtime.models.cosyvoice.frontend import CosyVoicePrompt
 
-        instruction = self.frontend.instruction_ids(settings.instructions.strip()) if settings.instructions else []
+        instruction = settings.instructions.strip() if settings.instructions else ""
+        if self.version is files.V3:
+            # "You are a helpful assistant.[ <instruction>]<|endofprompt|>" first, as upstream's examples
+            instruction = f"{SYSTEM_PROMPT} {instruction}".strip()
+        instruction_ids = self.frontend.instruction_ids(instruction) if instruction else []
         if voice is None:  # instruct or nothing: neither reads a voice
-            return instruction, []
-        lm = CosyVoicePrompt.from_tensors(voice.tensors).lm_prompt(instruction_ids=instruction)
+            return instruction_ids, []
+        prompt = CosyVoicePrompt.from_tensors(voice.tensors)
+        if self.version is files.V3 and not settings.instructions:
+            # zero-shot: the system prompt, then the transcript; cross-lingual: the system prompt alone
+            lm = prompt.lm_prompt()
+            return instruction_ids + lm.text_ids.tolist(), lm.speech_tokens.tolist()
+        lm = prompt.lm_prompt(instruction_ids=instruction_ids)
         return lm.text_ids.tolist(), lm.speech_tokens.tolist()
 
     def synthesize_unit(self, unit: str, settings: SynthesisSettings, voice: PreparedVoice | None = None,

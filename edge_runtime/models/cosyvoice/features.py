@@ -55,12 +55,13 @@ class PromptMelConfig:
     center: bool = False
 
     @classmethod
-    def from_yaml(cls, cfg: dict) -> PromptMelConfig:
-        """From a whole (tag-free) yaml mapping: its ``feat_extractor`` section, where present."""
+    def from_yaml(cls, cfg: dict, default_fmax: float | None = 8000.0) -> PromptMelConfig:
+        """From a whole (tag-free) yaml mapping: its ``feat_extractor`` section, where present
+        (``default_fmax`` where it is not: 8000 for CosyVoice2, None for CosyVoice3)."""
         section = cfg.get("feat_extractor") or {}
         d = cls()
         sr = section.get("sampling_rate", cfg.get("sample_rate", d.sampling_rate))
-        fmax = section.get("fmax", d.fmax)
+        fmax = section.get("fmax", default_fmax)
         return cls(
             n_fft=int(section.get("n_fft", d.n_fft)),
             num_mels=int(section.get("num_mels", d.num_mels)),

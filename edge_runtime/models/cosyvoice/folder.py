@@ -1,73 +1,131 @@
-"""The official CosyVoice2 folder (as FunAudioLLM/CosyVoice2-0.5B is published): which files it holds,
-which of them planning needs, and clear errors for a folder that is incomplete, of another version,
-or holds a checkpoint that does not match its yaml.
+"""The official CosyVoice folders (as FunAudioLLM/CosyVoice2-0.5B and Fun-CosyVoice3-0.5B-2512 are
+published): which version a folder holds, which files it needs, which of them planning needs, and
+clear errors for a folder that is incomplete, mixes the two versions, or holds a checkpoint that does
+not match its yaml.
 
-    cosyvoice2.yaml            hyperparameters (hyperpyyaml; read without executing its tags)
-    llm.pt flow.pt hift.pt     fp32 state dicts (torch.load weights_only=True, strict key match)
-    CosyVoice-BlankEN/         Qwen2 config.json + tokenizer (vocab.json, merges.txt); its
-                               model.safetensors is never read (llm.pt holds the LM's weights)
-    campplus.onnx              speaker embedding (CAM++), run by onnxruntime on the CPU
-    speech_tokenizer_v2.onnx   speech tokenizer for voice prompts, onnxruntime on the CPU
+    cosyvoice2.yaml | cosyvoice3.yaml   hyperparameters (hyperpyyaml; read without executing its tags)
+    llm.pt flow.pt hift.pt              fp32 state dicts (torch.load weights_only=True, strict key match)
+    CosyVoice-BlankEN/                  Qwen2 config.json + tokenizer (vocab.json, merges.txt); its
+                                        model.safetensors is never read (llm.pt holds the LM's weights)
+    campplus.onnx                       speaker embedding (CAM++), run by onnxruntime on the CPU
+    speech_tokenizer_v2.onnx | _v3.onnx speech tokenizer for voice prompts, onnxruntime on the CPU
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 
-YAML = "cosyvoice2.yaml"
-V3_YAML = "cosyvoice3.yaml"
 QWEN_DIR = "CosyVoice-BlankEN"
 CHECKPOINTS = {"": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}  # sub-model -> its state dict
 SPEAKER_ONNX = "campplus.onnx"
-TOKENIZER_ONNX = "speech_tokenizer_v2.onnx"
-# What `plan` needs (fetched first from the hub), and what loading needs besides.
-CONFIG_FILES = (YAML, f"{QWEN_DIR}/config.json")
-REQUIRED_FILES = (YAML, *CHECKPOINTS.values(), f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/vocab.json",
-                  f"{QWEN_DIR}/merges.txt", SPEAKER_ONNX, TOKENIZER_ONNX)
-# Class names only a CosyVoice3 yaml builds (its LM, its DiT flow, its causal vocoder).
-V3_MARKERS = ("CosyVoice3LM", "CausalMaskedDiffWithDiT", "CausalHiFTGenerator")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published CosyVoice generation: the files that tell it apart and the classes its yaml builds."""
+
+    name: str  # "cosyvoice2" | "cosyvoice3"
+    title: str
+    yaml: str
+    tokenizer_onnx: str
+    classes: tuple[str, ...]  # LM, flow, vocoder classes its yaml builds (hyperpyyaml `!new:` tags)
+    published: str
+
+    @property
+    def config_files(self) -> tuple[str, ...]:
+        """What `plan` needs (fetched first from the hub)."""
+        return (self.yaml, f"{QWEN_DIR}/config.json")
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        return (self.yaml, *CHECKPOINTS.values(), f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/vocab.json",
+                f"{QWEN_DIR}/merges.txt", SPEAKER_ONNX, self.tokenizer_onnx)
+
+    def builds(self, yaml_text: str) -> list[str]:
+        """The classes of this version a yaml text builds (`...generator.HiFTGenerator` is not
+        `...CausalHiFTGenerator`: matched after a dot, as a whole name)."""
+        return [c for c in self.classes if re.search(rf"\.{c}\b", yaml_text)]
+
+
+V2 = Version("cosyvoice2", "CosyVoice2", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx",
+             ("Qwen2LM", "CausalMaskedDiffWithXvec", "HiFTGenerator"), "FunAudioLLM/CosyVoice2-0.5B")
+V3 = Version("cosyvoice3", "CosyVoice3", "cosyvoice3.yaml", "speech_tokenizer_v3.onnx",
+             ("CosyVoice3LM", "CausalMaskedDiffWithDiT", "CausalHiFTGenerator"),
+             "FunAudioLLM/Fun-CosyVoice3-0.5B-2512")
+VERSIONS = (V2, V3)
+
+# CosyVoice2 names, kept for the modules that only read CosyVoice2 files
+YAML, V3_YAML, TOKENIZER_ONNX = V2.yaml, V3.yaml, V2.tokenizer_onnx
+CONFIG_FILES = V2.config_files
+REQUIRED_FILES = V2.required_files
 
 
 def is_cosyvoice_folder(folder: Path) -> bool:
     """A CosyVoice yaml, or CosyVoice's flow and vocoder files (so a lost yaml is named as missing)."""
-    return any((folder / name).is_file() for name in (YAML, V3_YAML)) or all(
+    return any((folder / v.yaml).is_file() for v in VERSIONS) or all(
         (folder / name).is_file() for name in ("flow.pt", "hift.pt"))
 
 
-def check_version(folder: Path) -> None:
-    """A CosyVoice3 folder (or a yaml that builds CosyVoice3's classes) is refused by name."""
-    yaml_path = folder / YAML
-    text = ""
-    if yaml_path.is_file():
-        try:
-            text = yaml_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ModelNotFoundError(f"cannot read {yaml_path}: {exc}") from None
-    found = [m for m in V3_MARKERS if m in text]
-    if not yaml_path.is_file() and (folder / V3_YAML).is_file() or found:
-        what = f"its yaml builds {', '.join(found)}" if found else f"it holds {V3_YAML}, not {YAML}"
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"cannot read {path}: {exc}") from None
+
+
+def detect(folder: Path) -> Version:
+    """Which CosyVoice the folder holds, from its files: the yaml's name, the classes the yaml builds
+    and the speech tokenizer. A folder that mixes the two versions gets an error naming the files."""
+    yamls = [v for v in VERSIONS if (folder / v.yaml).is_file()]
+    if len(yamls) > 1:
         raise InvalidInputError(
-            f"{folder} is a CosyVoice3 folder ({what}); the cosyvoice2 family reads CosyVoice2 folders "
-            f"(CosyVoice2-0.5B: {YAML}). CosyVoice3 has another LM vocabulary, a DiT flow and a causal vocoder.")
+            f"{folder} mixes CosyVoice versions: it holds both {V2.yaml} and {V3.yaml}; keep the one that "
+            f"belongs with its llm.pt, flow.pt and hift.pt")
+    if yamls:
+        version = yamls[0]
+        text = _read(folder / version.yaml)
+        for other in VERSIONS:
+            foreign = other.builds(text) if other is not version else []
+            if foreign:
+                raise InvalidInputError(
+                    f"{folder / version.yaml} builds {other.title}'s {', '.join(foreign)}: the yaml's name says "
+                    f"{version.title}, its classes say {other.title}; rename it to {other.yaml} if the folder "
+                    f"is {other.title} ({other.published})")
+    else:  # no yaml: the speech tokenizer tells (the missing yaml is then named by check_files)
+        present = [v for v in VERSIONS if (folder / v.tokenizer_onnx).is_file()]
+        version = present[0] if len(present) == 1 else V2
+    for other in VERSIONS:
+        if other is not version and (folder / other.tokenizer_onnx).is_file() \
+                and not (folder / version.tokenizer_onnx).is_file():
+            raise InvalidInputError(
+                f"{folder} mixes CosyVoice versions: {version.yaml} is {version.title}'s, but the speech "
+                f"tokenizer is {other.tokenizer_onnx} ({other.title}'s); {version.title} needs "
+                f"{version.tokenizer_onnx} ({version.published})")
+    return version
 
 
-def check_files(folder: Path, names: tuple[str, ...] = REQUIRED_FILES) -> None:
-    """Every file in ``names`` is present, or an error listing each missing one."""
-    check_version(folder)
-    missing = [name for name in names if not (folder / name).is_file()]
+def check_files(folder: Path, names: tuple[str, ...] | None = None) -> Version:
+    """The folder's version, once every file it needs (``names``: those of the version's
+    ``required_files`` by default) is present; else an error listing each missing one."""
+    version = detect(folder)
+    needed = version.required_files if names is None else names
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise ModelNotFoundError(
-            f"CosyVoice2 folder {folder} lacks {', '.join(missing)}; a complete folder holds "
-            f"{', '.join(REQUIRED_FILES)} (as FunAudioLLM/CosyVoice2-0.5B is published)")
+            f"{version.title} folder {folder} lacks {', '.join(missing)}; a complete folder holds "
+            f"{', '.join(version.required_files)} (as {version.published} is published)")
+    return version
 
 
 def weights_present(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CHECKPOINTS.values())
 
 
-def check_state_dict(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+def check_state_dict(path: Path, expected: dict[str, tuple[int, ...]], yaml_name: str = YAML) -> None:
     """``path`` is a readable state dict with exactly the keys and shapes of ``expected`` (the
     skeleton's, built from the yaml): upstream loads with strict=True, and so do we, with an error
     that names the file and the first differences instead of a traceback."""
@@ -97,4 +155,4 @@ def check_state_dict(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
             k = wrong[0]
             parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(found[k])}, the yaml gives "
                          f"{list(expected[k])})")
-        raise InvalidInputError(f"{path} does not match {YAML}: {'; '.join(parts)}")
+        raise InvalidInputError(f"{path} does not match {yaml_name}: {'; '.join(parts)}")

@@ -1,7 +1,7 @@
-"""CosyVoice2's voice-prompt front end: prompt audio (+ transcript) -> a :class:`CosyVoicePrompt`.
+"""CosyVoice2/3's voice-prompt front end: prompt audio (+ transcript) -> a :class:`CosyVoicePrompt`.
 
 What upstream's ``frontend_zero_shot`` computes, once per voice:
-    16 kHz audio -> whisper log-mel -> ``speech_tokenizer_v2.onnx`` -> 25 Hz speech tokens
+    16 kHz audio -> whisper log-mel -> ``speech_tokenizer_v2.onnx`` (v3: ``_v3``) -> 25 Hz speech tokens
     16 kHz audio -> Kaldi fbank     -> ``campplus.onnx``            -> 192-d speaker embedding
     24 kHz audio -> Matcha mel (50 frames/s)                        -> the flow's prompt features
     transcript   -> text token ids (absent: the prompt can only be used cross-lingually)
@@ -40,7 +40,7 @@ from edge_runtime.errors import InvalidInputError
 from edge_runtime.models.cosyvoice import yaml_config
 from edge_runtime.models.cosyvoice.features import (
     WHISPER_RATE, PromptMelConfig, prompt_mel, speaker_fbank, whisper_log_mel)
-from edge_runtime.models.cosyvoice.folder import QWEN_DIR, SPEAKER_ONNX, TOKENIZER_ONNX, YAML
+from edge_runtime.models.cosyvoice.folder import QWEN_DIR, SPEAKER_ONNX, V2, V3, Version
 from edge_runtime.models.cosyvoice.tokenizer import ENDOFPROMPT, CosyVoiceTextTokenizer
 
 MAX_PROMPT_SECONDS = 30.0
@@ -102,11 +102,11 @@ class CosyVoicePrompt:
             feat = torch.as_tensor(tensors["prompt_feat"]).to(torch.float32)
             embedding = torch.as_tensor(tensors["embedding"]).to(torch.float32).reshape(-1)
         except KeyError as exc:
-            raise InvalidInputError(f"a stored CosyVoice2 voice lacks {exc.args[0]!r} "
+            raise InvalidInputError(f"a stored CosyVoice voice lacks {exc.args[0]!r} "
                                     "(it needs speech_tokens, prompt_feat, embedding)") from None
         text = tensors.get("text_ids")
         if feat.dim() != 2 or tokens.numel() == 0 or feat.shape[0] % tokens.numel():
-            raise InvalidInputError(f"a stored CosyVoice2 voice has prompt_feat {list(feat.shape)} for "
+            raise InvalidInputError(f"a stored CosyVoice voice has prompt_feat {list(feat.shape)} for "
                                     f"{tokens.numel()} speech tokens: expected [k * tokens, mels], k >= 1")
         return cls(tokens, feat, embedding, None if text is None else torch.as_tensor(text).to(torch.int32).reshape(-1))
 
@@ -118,7 +118,7 @@ class CosyVoicePrompt:
         try:
             mode = PromptMode(mode)
         except ValueError:
-            raise InvalidInputError(f"CosyVoice2 prompt mode {mode!r} is not one of "
+            raise InvalidInputError(f"CosyVoice prompt mode {mode!r} is not one of "
                                     f"{', '.join(m.value for m in PromptMode)}") from None
         none = torch.zeros(0, dtype=torch.int32)
         if mode is PromptMode.INSTRUCT:
@@ -137,11 +137,11 @@ def _onnx_session(path: Path, io: tuple[tuple[str, ...], tuple[str, ...]], threa
     """A CPU onnxruntime session for ``path`` whose input names are exactly ``io[0]`` and whose
     outputs include ``io[1]``."""
     if not path.is_file():
-        raise InvalidInputError(f"{path.name} is missing from {path.parent} (CosyVoice2 needs it for voice prompts)")
+        raise InvalidInputError(f"{path.name} is missing from {path.parent} (CosyVoice needs it for voice prompts)")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise InvalidInputError("CosyVoice2 voice prompts need onnxruntime: "
+        raise InvalidInputError("CosyVoice voice prompts need onnxruntime: "
                                 "pip install 'edge-runtime[cosyvoice]' (or onnxruntime)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -198,7 +198,8 @@ def _checked_audio(audio: Any, sample_rate: Any) -> np.ndarray:
 
 
 class CosyVoiceFrontend:
-    """Speech tokenizer, speaker embedding, prompt mel and transcript ids for a CosyVoice2 folder.
+    """Speech tokenizer, speaker embedding, prompt mel and transcript ids for a CosyVoice2 or
+    CosyVoice3 folder (``version``: which files and mel settings).
 
     ``yaml`` is the folder's parsed ``cosyvoice2.yaml`` (read here when not given); ``tokenizer``
     may be shared with the caller's (loaded from ``CosyVoice-BlankEN/`` on first use otherwise).
@@ -206,14 +207,16 @@ class CosyVoiceFrontend:
     """
 
     def __init__(self, folder: str | Path, yaml: dict | None = None, *,
-                 tokenizer: CosyVoiceTextTokenizer | None = None, threads: int = 2) -> None:
+                 tokenizer: CosyVoiceTextTokenizer | None = None, threads: int = 2, version: Version = V2) -> None:
         self.folder = Path(folder)
+        self.version = version
         if yaml is None:
             try:
-                yaml = yaml_config.load(self.folder / YAML)
+                yaml = yaml_config.load(self.folder / version.yaml)
             except (OSError, ValueError) as exc:
-                raise InvalidInputError(f"cannot read {YAML} in {self.folder}: {exc}") from None
-        self.mel = PromptMelConfig.from_yaml(yaml)
+                raise InvalidInputError(f"cannot read {version.yaml} in {self.folder}: {exc}") from None
+        # CosyVoice3's prompt mel runs up to Nyquist (its feat_extractor says fmax: null)
+        self.mel = PromptMelConfig.from_yaml(yaml, default_fmax=8000.0 if version is V2 else None)
         self.token_mel_ratio = int(yaml.get("token_mel_ratio", 2))
         self.embedding_dim = int(yaml.get("spk_embed_dim", 192))
         self.speech_codes = int((yaml.get("flow") or {}).get("vocab_size", 6561))
@@ -228,7 +231,7 @@ class CosyVoiceFrontend:
     def tokenizer(self) -> CosyVoiceTextTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = CosyVoiceTextTokenizer(self.folder / QWEN_DIR)
+                self._tokenizer = CosyVoiceTextTokenizer(self.folder / QWEN_DIR, version=3 if self.version is V3 else 2)
             return self._tokenizer
 
     def _speaker_session(self):
@@ -240,7 +243,8 @@ class CosyVoiceFrontend:
     def _tokenizer_session(self):
         with self._lock:
             if self._speech_tokenizer is None:
-                self._speech_tokenizer = _onnx_session(self.folder / TOKENIZER_ONNX, TOKENIZER_IO, self.threads)
+                self._speech_tokenizer = _onnx_session(self.folder / self.version.tokenizer_onnx, TOKENIZER_IO,
+                                                       self.threads)
             return self._speech_tokenizer
 
     # -- the three front ends ---------------------------------------------------------------------
@@ -252,7 +256,7 @@ class CosyVoiceFrontend:
                                    "feats_length": np.array([feats.shape[1]], dtype=np.int32)})
         tokens = torch.from_numpy(np.asarray(indices).reshape(-1).astype(np.int32))
         if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < self.speech_codes):
-            raise InvalidInputError(f"{self.folder / TOKENIZER_ONNX} gave speech tokens in {int(tokens.min())}.."
+            raise InvalidInputError(f"{self.folder / self.version.tokenizer_onnx} gave speech tokens in {int(tokens.min())}.."
                                     f"{int(tokens.max())}; the flow reads 0..{self.speech_codes - 1}")
         return tokens
 
@@ -263,7 +267,7 @@ class CosyVoiceFrontend:
         embedding = torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(-1))
         if embedding.numel() != self.embedding_dim:
             raise InvalidInputError(f"{self.folder / SPEAKER_ONNX} gave a {embedding.numel()}-d embedding; "
-                                    f"{YAML} says spk_embed_dim {self.embedding_dim}")
+                                    f"{self.version.yaml} says spk_embed_dim {self.embedding_dim}")
         return embedding
 
     def instruction_ids(self, instruction: str) -> list[int]:

@@ -15,6 +15,8 @@ after ``torch.manual_seed(s)`` on the CPU.
 
 ``forward(mel)`` vocodes a whole mel; upstream's chunked vocoding (8-frame mel cache, source cache,
 Hamming cross-fade) and its ``speed`` resampling are :mod:`.hift_stream`, built on ``source``/``decode``.
+CosyVoice3's causal vocoder (:mod:`.hift_causal`) reuses the blocks here (``causal`` residual stacks,
+the source's parameters, the STFT/iSTFT ends of ``decode``).
 """
 
 from __future__ import annotations
@@ -125,24 +127,47 @@ class Snake(nn.Module):
         return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
 
 
-class SnakeResBlock(nn.Module):
-    """Residual stack: per dilation, Snake -> dilated conv -> Snake -> conv, added to the input."""
+class LeftPaddedConv1d(nn.Conv1d):
+    """A causal Conv1d: ``left`` zeros are padded before the input (no padding after), so an output
+    sees only the current and past inputs. Same parameters as a plain Conv1d."""
 
-    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]):
+    def __init__(self, *args, left: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.left = left
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(F.pad(x, (self.left, 0)))
+
+
+class SnakeResBlock(nn.Module):
+    """Residual stack: per dilation, Snake -> dilated conv -> Snake -> conv, added to the input.
+
+    ``causal`` (CosyVoice3's vocoder): each conv sees only the current and past samples (zeros
+    padded on the left instead of half on each side); the parameters are the same."""
+
+    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...], causal: bool = False):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=_same_padding(kernel, d)))
-            for d in dilations)
-        self.convs2 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel, padding=_same_padding(kernel)))
-            for _ in dilations)
+
+        def conv(d: int) -> nn.Module:
+            if causal:
+                return weight_norm(LeftPaddedConv1d(channels, channels, kernel, dilation=d, left=(kernel - 1) * d))
+            return weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=_same_padding(kernel, d)))
+
+        self.convs1 = nn.ModuleList(conv(d) for d in dilations)
+        self.convs2 = nn.ModuleList(conv(1) for _ in dilations)
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.causal = causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
             x = x + c2(a2(c1(a1(x))))
         return x
+
+    @property
+    def left_context(self) -> int:
+        """Past samples an output of a causal block depends on (its convs' reach, added up)."""
+        return sum(c.left for c in (*self.convs1, *self.convs2)) if self.causal else 0
 
 
 class ConvRNNF0Predictor(nn.Module):
@@ -211,6 +236,35 @@ class HarmonicSource(nn.Module):
         amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
         excitation = sines * voiced + amp * noise.to(sines.dtype)
         return torch.tanh(self.l_linear(excitation))
+
+
+def source_stft(source: torch.Tensor, cfg: HiFTConfig, window: torch.Tensor) -> torch.Tensor:
+    """Excitation [B, 1, S] -> its STFT as [B, n_fft + 2, S / hop + 1] (real parts, then imaginary)."""
+    window = window.to(device=source.device, dtype=source.dtype)
+    spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft, window=window, return_complex=True)
+    spec = torch.view_as_real(spec)
+    return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
+
+
+def fuse_stage(model: nn.Module, i: int, x: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
+    """Upsampling stage ``i`` after its transposed/upsampling conv: add the source branch brought to
+    this rate, then the mean of the stage's residual stacks."""
+    n_res = len(model.cfg.resblock_kernel_sizes)
+    x = x + model.source_resblocks[i](model.source_downs[i](s_stft))
+    acc = model.resblocks[i * n_res](x)
+    for j in range(1, n_res):
+        acc = acc + model.resblocks[i * n_res + j](x)
+    return acc / n_res
+
+
+def spectrum_to_wave(x: torch.Tensor, cfg: HiFTConfig, window: torch.Tensor) -> torch.Tensor:
+    """conv_post's output [B, n_fft + 2, F] (log-magnitudes, then phases) -> iSTFT samples [B, (F - 1) * hop]."""
+    window = window.to(device=x.device, dtype=x.dtype)
+    half = cfg.n_fft // 2 + 1
+    magnitude = torch.exp(x[:, :half]).clamp(max=1e2)
+    phase = torch.sin(x[:, half:])  # sin of a phase: upstream's, kept for parity
+    spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+    return torch.istft(spec, cfg.n_fft, cfg.hop_len, cfg.n_fft, window=window)
 
 
 def _legacy_weight_norm_hook(state_dict, prefix, *args, **kwargs) -> None:
@@ -286,28 +340,14 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Mel [B, 80, T] + excitation [B, 1, S] -> waveform [B, S]."""
         cfg = self.cfg
-        window = self.stft_window.to(device=source.device, dtype=source.dtype)
-        spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft, window=window, return_complex=True)
-        spec = torch.view_as_real(spec)
-        s_stft = torch.cat([spec[..., 0], spec[..., 1]], dim=1)
-
-        n_res = len(cfg.resblock_kernel_sizes)
+        s_stft = source_stft(source, cfg, self.stft_window)
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, cfg.lrelu_slope))
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s_stft))
-            acc = self.resblocks[i * n_res](x)
-            for j in range(1, n_res):
-                acc = acc + self.resblocks[i * n_res + j](x)
-            x = acc / n_res
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as upstream
-        half = cfg.n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :half]).clamp(max=1e2)
-        phase = torch.sin(x[:, half:])
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec, cfg.n_fft, cfg.hop_len, cfg.n_fft, window=window)
+            x = fuse_stage(self, i, x, s_stft)
+        wav = spectrum_to_wave(self.conv_post(F.leaky_relu(x)), cfg, self.stft_window)  # slope 0.01 here, as upstream
         return wav.clamp(-cfg.audio_limit, cfg.audio_limit)
 
     def forward(self, mel: torch.Tensor, *, generator: torch.Generator | None = None,

@@ -20,6 +20,15 @@ re-draws, dropped task/fill ids), so with a ``torch.Generator`` seeded ``s`` it 
 upstream yields after ``torch.manual_seed(s)`` -- upstream as it behaves with the transformers 4
 it was written for: under transformers 5 its one-step mask (length 1) is right-padded with
 "masked", so each of its decoding steps attends to the first position only.
+
+CosyVoice3's LM (:class:`CosyVoice3LM`, ``cosyvoice3.yaml``) is the same backbone with another
+speech vocabulary: ``speech_embedding`` and ``llm_decoder`` (no bias) have 6561 + 200 rows, the
+markers live in ``speech_embedding`` (sos 6561, end of speech 6562, task id 6563, fill 6564; no
+``llm_embedding``), every id >= 6561 ends decoding, and the text must hold ``<|endofprompt|>``.
+Its decoding follows the upstream version it ships with: before the minimum length only id 6561
+is masked (upstream masks ``speech_token_size``, which is sos there, not end of speech), a
+repetition re-draw excludes the repeated token, and runs of silence tokens longer than 5 are left
+out of what is yielded (upstream's ``llm_job``; the LM itself still sees them).
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError, RequestFailedError
 from edge_runtime.models.cosyvoice import yaml_config
+from edge_runtime.models.cosyvoice.folder import QWEN_DIR, V3_YAML
+from edge_runtime.models.cosyvoice.folder import YAML as V2_YAML
 from edge_runtime.models.cosyvoice.sampling import RASSettings, ras_sampling
 
 IdsLike = Sequence[int] | torch.Tensor | np.ndarray
@@ -51,6 +62,11 @@ _CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).paramet
 
 # Upstream re-draws an end-of-speech sampled before the minimum length up to 100 times.
 _EOS_REDRAWS = 100
+
+ENDOFPROMPT_ID = 151646  # <|endofprompt|> in the published vocabulary; CosyVoice3's LM asserts it
+# CosyVoice3Model.silent_tokens (FSQ codes of silence and breath) and its llm_job's run limit.
+SILENT_TOKENS = frozenset({1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323})
+MAX_SILENT_RUN = 5
 
 
 @dataclass(frozen=True)
@@ -63,32 +79,49 @@ class LMConfig:
     llm_input_size: int = 896
     llm_output_size: int = 896
     sampling: RASSettings = RASSettings()
+    version: int = 2  # 2: CosyVoice2's Qwen2LM; 3: CosyVoice3LM
+    # CosyVoice3 only: an id the text (prompt text + text) must hold, as upstream asserts for
+    # <|endofprompt|> (151646); None: not checked (e.g. a test vocabulary without it)
+    endofprompt_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.version not in (2, 3):
+            raise InvalidInputError(f"version={self.version!r}: allowed are 2 (CosyVoice2) and 3 (CosyVoice3)")
 
     @property
     def eos(self) -> int:
-        """End of speech: the first id after the speech codes."""
-        return self.speech_token_size
+        """End of speech: the first id after the speech codes (v2), the second (v3: the first is sos)."""
+        return self.speech_token_size + (1 if self.version == 3 else 0)
 
     @property
     def speech_vocab(self) -> int:
-        """Rows of ``speech_embedding`` / outputs of ``llm_decoder``: codes + eos, task id, fill."""
-        return self.speech_token_size + 3
+        """Rows of ``speech_embedding`` / outputs of ``llm_decoder``: codes + eos, task id, fill (v2),
+        codes + 200 reserved ids (v3)."""
+        return self.speech_token_size + (200 if self.version == 3 else 3)
 
     def qwen_config(self) -> Qwen2Config:
         """The backbone's transformers config, set to run attention through SDPA."""
         return Qwen2Config.from_dict(dict(self.qwen), attn_implementation="sdpa")
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> LMConfig:
-        """Read ``cosyvoice2.yaml`` (tags ignored) and ``CosyVoice-BlankEN/config.json``."""
+    def from_folder(cls, folder: str | Path, version: int | None = None) -> LMConfig:
+        """Read the folder's yaml (tags ignored) and ``CosyVoice-BlankEN/config.json``.
+
+        ``version`` None: 3 when the folder holds ``cosyvoice3.yaml`` and no ``cosyvoice2.yaml``,
+        else 2; the yaml read is ``cosyvoice{version}.yaml``."""
         folder = Path(folder)
-        yaml_path, json_path = folder / "cosyvoice2.yaml", folder / "CosyVoice-BlankEN" / "config.json"
+        if version is None:
+            version = 3 if (folder / V3_YAML).is_file() and not (folder / V2_YAML).is_file() else 2
+        if version not in (2, 3):
+            raise InvalidInputError(f"version={version!r}: allowed are 2 (CosyVoice2) and 3 (CosyVoice3)")
+        name = V3_YAML if version == 3 else V2_YAML
+        yaml_path, json_path = folder / name, folder / QWEN_DIR / "config.json"
         missing = [str(p) for p in (yaml_path, json_path) if not p.is_file()]
         if missing:
-            raise ModelNotFoundError(f"not a CosyVoice2 model folder: missing {', '.join(missing)}")
+            raise ModelNotFoundError(f"not a CosyVoice{version} model folder: missing {', '.join(missing)}")
         llm = yaml_config.load(yaml_path).get("llm")
         if not isinstance(llm, dict):
-            raise InvalidInputError(f"{yaml_path}: no 'llm' section (a CosyVoice2 yaml has one)")
+            raise InvalidInputError(f"{yaml_path}: no 'llm' section (a CosyVoice{version} yaml has one)")
         try:
             qwen = json.loads(json_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -101,7 +134,11 @@ class LMConfig:
                      for k in ("speech_token_size", "llm_input_size", "llm_output_size")}
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"{yaml_path}: llm section has a non-integer size ({e})") from e
-        cfg = cls(qwen=qwen, sampling=RASSettings.from_section(llm.get("sampling")), **sizes)
+        # upstream hard-codes <|endofprompt|> = 151646 (the published vocabulary's id); a smaller
+        # test vocabulary cannot hold it, and then nothing is checked
+        marker = ENDOFPROMPT_ID if version == 3 and int(qwen.get("vocab_size", 0)) > ENDOFPROMPT_ID else None
+        cfg = cls(qwen=qwen, sampling=RASSettings.from_section(llm.get("sampling")), version=version,
+                  endofprompt_id=marker, **sizes)
         hidden = qwen["hidden_size"]
         if not cfg.llm_input_size == cfg.llm_output_size == hidden:
             raise InvalidInputError(
@@ -214,8 +251,12 @@ class CosyVoice2LM(nn.Module):
         text = torch.cat([self._ids(prompt_text_ids, "prompt_text_ids", vocab),
                           self._ids(text_ids, "text_ids", vocab)], dim=1)
         speech = self._ids(prompt_speech_tokens, "prompt_speech_tokens", self.cfg.speech_token_size)
-        marks = self._lookup(self.llm_embedding, torch.tensor([[self.SOS, self.TASK_ID]]))
+        marks = self._marks()
         return torch.cat([marks[:, :1], self.embed_text(text), marks[:, 1:], self._speech_rows(speech)], dim=1)
+
+    def _marks(self) -> torch.Tensor:
+        """The sos and task-id embeddings, [1, 2, D] on the backbone's device."""
+        return self._lookup(self.llm_embedding, torch.tensor([[self.SOS, self.TASK_ID]]))
 
     # -- forward ----------------------------------------------------------------------------------
     def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -259,6 +300,13 @@ class CosyVoice2LM(nn.Module):
         so a run can yield fewer tokens than steps. Closing the iterator early frees its cache.
         Sampling runs on ``generator``'s device: a CPU generator serves a model on any device.
         """
+        return self._decode(*self._plan(text_ids, prompt_text_ids, prompt_speech_tokens, generator, min_tokens,
+                                        max_tokens, min_ratio, max_ratio), generator)
+
+    def _plan(self, text_ids: IdsLike, prompt_text_ids: IdsLike, prompt_speech_tokens: IdsLike,
+              generator: torch.Generator, min_tokens: int | None, max_tokens: int | None, min_ratio: float,
+              max_ratio: float) -> tuple[torch.Tensor, int, int]:
+        """Check :meth:`generate`'s arguments: (LM input embeddings, min length, max length)."""
         if not isinstance(generator, torch.Generator):
             raise InvalidInputError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         text = self._ids(text_ids, "text_ids", self.llm.model.config.vocab_size)
@@ -274,8 +322,7 @@ class CosyVoice2LM(nn.Module):
             raise InvalidInputError(f"min_tokens={min_tokens} exceeds max_tokens={max_tokens}")
         min_len = self._length(text.shape[1], min_ratio) if min_tokens is None else min_tokens
         max_len = self._length(text.shape[1], max_ratio) if max_tokens is None else max_tokens
-        embeds = self.input_embeds(text, prompt_text_ids, prompt_speech_tokens)
-        return self._decode(embeds, min_len, max_len, generator)
+        return self.input_embeds(text, prompt_text_ids, prompt_speech_tokens), min_len, max_len
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache()
@@ -300,22 +347,120 @@ class CosyVoice2LM(nn.Module):
             cache.reset()  # drop the keys/values now, even if the consumer keeps this iterator
 
 
+class CosyVoice3LM(CosyVoice2LM):
+    """CosyVoice3's ``CosyVoice3LM``: text (+ voice prompt) -> speech tokens (see the module notes)."""
+
+    def __init__(self, cfg: LMConfig):
+        nn.Module.__init__(self)
+        if cfg.version != 3:
+            raise InvalidInputError(f"CosyVoice3LM needs an LMConfig of version 3, got {cfg.version}")
+        self.cfg = cfg
+        # registration order as upstream's (no llm_embedding; the decoder has no bias)
+        self.llm = QwenBackbone(cfg.qwen_config())
+        self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.speech_vocab, bias=False)
+        self.speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.llm_input_size)
+
+    @property
+    def sos(self) -> int:
+        return self.cfg.speech_token_size
+
+    @property
+    def task_id(self) -> int:
+        return self.cfg.speech_token_size + 2
+
+    def _marks(self) -> torch.Tensor:
+        """sos and task id are rows of ``speech_embedding`` here."""
+        return self._speech_rows(torch.tensor([[self.sos, self.task_id]]))
+
+    def generate(self, text_ids: IdsLike, prompt_text_ids: IdsLike = (), prompt_speech_tokens: IdsLike = (), *,
+                 generator: torch.Generator, min_tokens: int | None = None, max_tokens: int | None = None,
+                 min_ratio: float = 2.0, max_ratio: float = 20.0,
+                 max_silent_run: int | None = MAX_SILENT_RUN, end_only_after_min: bool = False) -> Iterator[int]:
+        """Speech tokens, yielded one by one as they are sampled, until an id >= 6561 is drawn.
+
+        As :meth:`CosyVoice2LM.generate`, except: the minimum length masks only id 6561 (upstream's
+        rule, see the module notes); and of each run of silence tokens (:data:`SILENT_TOKENS`) only
+        the first ``max_silent_run`` are yielded (None: all, as upstream's LM alone yields them).
+        ``end_only_after_min`` True masks every id >= 6561 before the minimum length, so that a run
+        yields exactly ``min_tokens`` steps when ``min_tokens == max_tokens``: for fixed-length
+        benchmarks on random weights, which otherwise stop at once (False: upstream's rule)."""
+        if not isinstance(end_only_after_min, bool):
+            raise InvalidInputError(f"end_only_after_min={end_only_after_min!r}: expected True or False")
+        if max_silent_run is not None and (isinstance(max_silent_run, bool) or not isinstance(max_silent_run, int)
+                                           or max_silent_run < 0):
+            raise InvalidInputError(f"max_silent_run={max_silent_run!r}: expected an integer >= 0 or None")
+        marker = self.cfg.endofprompt_id
+        if marker is not None:
+            vocab = self.llm.model.config.vocab_size
+            ids = torch.cat([self._ids(prompt_text_ids, "prompt_text_ids", vocab),
+                             self._ids(text_ids, "text_ids", vocab)], dim=1)
+            if not bool((ids == marker).any()):
+                raise InvalidInputError(
+                    f"text_ids / prompt_text_ids: CosyVoice3 needs <|endofprompt|> (id {marker}) in the prompt "
+                    "text or the text (e.g. an instruction, or 'You are a helpful assistant.', followed by it)")
+        embeds, min_len, max_len = self._plan(text_ids, prompt_text_ids, prompt_speech_tokens, generator,
+                                              min_tokens, max_tokens, min_ratio, max_ratio)
+        tokens = self._decode(embeds, min_len, max_len, generator, end_only_after_min)
+        return tokens if max_silent_run is None else _cap_silence(tokens, max_silent_run)
+
+    @torch.inference_mode()
+    def _decode(self, embeds: torch.Tensor, min_len: int, max_len: int,
+                generator: torch.Generator, end_only_after_min: bool = False) -> Iterator[int]:
+        s, first_stop = self.cfg.sampling, self.cfg.speech_token_size
+        masked = slice(first_stop, None) if end_only_after_min else first_stop
+        cache = self._new_cache()
+        tokens: list[int] = []
+        step_input = embeds
+        try:
+            for step in range(max_len):
+                logp = self._next_logp(step_input, cache).to(generator.device)
+                if step < min_len:
+                    logp[masked] = -float("inf")  # upstream's ignore_eos: id 6561 only (else all stop ids)
+                token = ras_sampling(logp, tokens, generator, s.top_p, s.top_k, s.win_size, s.tau_r,
+                                     exclude_repeat=True)
+                if token >= first_stop:  # eos, sos, task, fill or a reserved id: all stop
+                    return
+                yield token
+                tokens.append(token)
+                step_input = self._speech_rows(torch.tensor([[token]]))
+        finally:
+            cache.reset()
+
+
+def _cap_silence(tokens: Iterator[int], max_run: int) -> Iterator[int]:
+    """Leave out silence tokens past the first ``max_run`` of a run (upstream's llm_job filter)."""
+    run = 0
+    try:
+        for token in tokens:
+            run = run + 1 if token in SILENT_TOKENS else 0
+            if run <= max_run:
+                yield token
+    finally:
+        tokens.close()  # closing this iterator frees the decoder's cache at once
+
+
+def model_class(cfg: LMConfig) -> type[CosyVoice2LM]:
+    """The LM class of ``cfg.version``."""
+    return CosyVoice3LM if cfg.version == 3 else CosyVoice2LM
+
+
 def build(cfg: LMConfig, device: torch.device | str | None = None) -> CosyVoice2LM:
     """Construct (on ``device``, e.g. ``"meta"`` for sizing) without loading weights."""
     with torch.device(device or "cpu"):
-        return CosyVoice2LM(cfg)
+        return model_class(cfg)(cfg)
 
 
-def load(model_dir: str | Path, device: torch.device | str = "cpu") -> CosyVoice2LM:
-    """The LM of a CosyVoice2 folder: its configs + ``llm.pt`` loaded strictly, fp32."""
+def load(model_dir: str | Path, device: torch.device | str = "cpu", version: int | None = None) -> CosyVoice2LM:
+    """The LM of a CosyVoice2/3 folder (see :meth:`LMConfig.from_folder`): its configs + ``llm.pt``
+    loaded strictly, fp32."""
     model_dir = Path(model_dir)
-    cfg = LMConfig.from_folder(model_dir)
+    cfg = LMConfig.from_folder(model_dir, version)
     weights = model_dir / "llm.pt"
     if not weights.is_file():
-        raise ModelNotFoundError(f"not a CosyVoice2 model folder: missing {weights}")
+        raise ModelNotFoundError(f"not a CosyVoice{cfg.version} model folder: missing {weights}")
     # parameters on meta (nothing random-initialised), buffers (rotary frequencies) real
     with init_empty_weights(include_buffers=False):
-        model = CosyVoice2LM(cfg)
+        model = model_class(cfg)(cfg)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()

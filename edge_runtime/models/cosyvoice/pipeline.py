@@ -1,4 +1,4 @@
-"""One CosyVoice2 request: LM tokens -> flow mel -> HiFT waveform, whole or streamed.
+"""One CosyVoice request (v2 or v3): LM tokens -> flow mel -> HiFT waveform, whole or streamed.
 
 Streaming runs the LM and the vocoding in one thread: after each sampled token it checks whether the
 next chunk (its hop + the flow's lookahead) is complete, and if so the flow computes only that chunk's
@@ -37,6 +37,19 @@ MAX_TOKEN_RATIO = 20  # upstream's max_token_text_ratio: the LM's own cap per te
 FLOW_CACHE_BYTES = 1 << 30
 
 
+def vocoder_of(hift) -> tuple[Any, Any]:
+    """(stream class, offline vocode function) for the vocoder: CosyVoice3's causal HiFT or CosyVoice2's."""
+    from edge_runtime.models.cosyvoice.hift_causal import CausalHiFTGenerator
+
+    if isinstance(hift, CausalHiFTGenerator):
+        from edge_runtime.models.cosyvoice.hift_causal_stream import CausalHiFTStream, vocode
+
+        return CausalHiFTStream, vocode
+    from edge_runtime.models.cosyvoice.hift_stream import HiFTStream, vocode
+
+    return HiFTStream, vocode
+
+
 class Pipeline:
     """The placed sub-models, shared by every request."""
 
@@ -44,6 +57,7 @@ class Pipeline:
                  schedule: StreamSchedule | None = None, final_pass: str = "chunked",
                  flow_cache_bytes: int = FLOW_CACHE_BYTES) -> None:
         self.lm, self.flow, self.hift, self.parts = lm, flow, hift, parts
+        self.hift_stream, self.vocode = vocoder_of(hift)
         self.device, self.dtype = device, dtype
         cfg = parts.flow
         self.schedule = schedule or StreamSchedule(lookahead=cfg.pre_lookahead_len, chunk=cfg.chunk_tokens)
@@ -106,8 +120,6 @@ class Request:
     def whole(self, speed: float = 1.0, tokens: Iterable[int] | None = None) -> np.ndarray:
         """The sentence's audio in one piece (full attention in the flow, as upstream offline);
         ``tokens`` replace the LM's (tests, voice conversion)."""
-        from edge_runtime.models.cosyvoice.hift_stream import vocode
-
         with torch.inference_mode():
             tokens = list(self.tokens() if tokens is None else tokens)
             if not tokens:
@@ -115,15 +127,13 @@ class Request:
             token_tensor = torch.tensor([tokens], dtype=torch.long)
             mel = self.pipe.flow.inference(token_tensor, self.flow_prompt, self.prompt_feat, self.embedding,
                                            noise=self.noise, streaming=False, finalize=True)
-            wav = vocode(self.pipe.hift, mel.float(), generator=self.generator, speed=speed)
+            wav = self.pipe.vocode(self.pipe.hift, mel.float(), generator=self.generator, speed=speed)
         return wav.reshape(-1).float().cpu().numpy()
 
     # -- streamed ------------------------------------------------------------------------------------
     def stream(self, tokens: Iterable[int] | None = None) -> Iterator[np.ndarray]:
         """Audio chunks as soon as each hop of tokens (+ lookahead) is sampled; ``tokens`` replace
         the LM's (tests)."""
-        from edge_runtime.models.cosyvoice.hift_stream import HiFTStream
-
         pipe = self.pipe
         look = pipe.schedule.lookahead
         hops = pipe.schedule.hops(self.flow_prompt.shape[1])
@@ -132,7 +142,7 @@ class Request:
         offset = 0  # tokens already vocoded
         with torch.inference_mode():
             flow = self._flow_stream()
-            hift = HiFTStream(pipe.hift, generator=self.generator)
+            hift = pipe.hift_stream(pipe.hift, generator=self.generator)
             self._closers += [flow, hift]
             for token in self.tokens() if tokens is None else tokens:
                 seen.append(int(token))

@@ -1,4 +1,4 @@
-"""CosyVoice2's speech-token sampler: RAS (repetition-aware sampling) over a top-p/top-k nucleus.
+"""CosyVoice2/3's speech-token sampler: RAS (repetition-aware sampling) over a top-p/top-k nucleus.
 
 Each step draws from the nucleus (the most likely tokens, at most ``top_k`` of them, taken until
 their probabilities add up to ``top_p``); when the drawn token already occurs often enough in the
@@ -25,7 +25,8 @@ from edge_runtime.errors import InvalidInputError
 
 @dataclass(frozen=True)
 class RASSettings:
-    """The ``sampling`` arguments of ``cosyvoice2.yaml`` (defaults: CosyVoice2-0.5B's)."""
+    """The ``sampling`` arguments of ``cosyvoice2.yaml`` / ``cosyvoice3.yaml`` (defaults: the published
+    models' numbers, the same for both)."""
 
     top_p: float = 0.8
     top_k: int = 25
@@ -53,7 +54,7 @@ class RASSettings:
             values = dict(top_p=float(s.get("top_p", d.top_p)), top_k=int(s.get("top_k", d.top_k)),
                           win_size=int(s.get("win_size", d.win_size)), tau_r=float(s.get("tau_r", d.tau_r)))
         except (TypeError, ValueError) as e:
-            raise InvalidInputError(f"llm.sampling in cosyvoice2.yaml: {s!r} has a non-numeric value "
+            raise InvalidInputError(f"llm.sampling in the CosyVoice yaml: {s!r} has a non-numeric value "
                                     "(allowed: numbers for top_p, top_k, win_size, tau_r)") from e
         return cls(**values)
 
@@ -84,11 +85,20 @@ def random_sampling(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 
 def ras_sampling(logits_1d: torch.Tensor, recent_tokens: Sequence[int], generator: torch.Generator,
-                 top_p: float = 0.8, top_k: int = 25, win_size: int = 10, tau_r: float = 0.1) -> int:
+                 top_p: float = 0.8, top_k: int = 25, win_size: int = 10, tau_r: float = 0.1,
+                 exclude_repeat: bool = False) -> int:
     """One speech token from scores ``logits_1d`` [V] (logits or log-probabilities: both give the
-    same softmax; upstream passes log-probabilities) given the tokens decoded so far."""
+    same softmax; upstream passes log-probabilities) given the tokens decoded so far.
+
+    ``exclude_repeat``: the re-draw after a repetition cannot return the repeated token (its score
+    set to -inf first), as in the upstream version CosyVoice3 ships with; CosyVoice2's reference
+    re-draws from the full distribution."""
     probs = logits_1d.softmax(dim=0)
     token = nucleus_sampling(probs, generator, top_p, top_k)
     if recent_tokens[-win_size:].count(token) >= win_size * tau_r:
+        if exclude_repeat:
+            masked = logits_1d.clone()
+            masked[token] = -float("inf")
+            probs = masked.softmax(dim=0)
         token = random_sampling(probs, generator)
     return token

@@ -116,11 +116,12 @@ class PreLookahead(nn.Module):
     """Each token reads itself and the next ``lookahead`` tokens (conv1), then a causal conv3 (conv2),
     added to the input. Past the sequence end the look-ahead reads zeros."""
 
-    def __init__(self, width: int, lookahead: int) -> None:
+    def __init__(self, width: int, lookahead: int, channels: int | None = None) -> None:
         super().__init__()
         self.lookahead = lookahead
-        self.conv1 = WindowedConv1d(width, width, lookahead + 1)
-        self.conv2 = CausalConv1d(width, width, 3)
+        channels = channels or width  # the hidden width between the two convs (CosyVoice3: 80 -> 1024 -> 80)
+        self.conv1 = WindowedConv1d(width, channels, lookahead + 1)
+        self.conv2 = CausalConv1d(channels, width, 3)
 
     def forward(self, x: torch.Tensor, ahead: torch.Tensor, state: LayerState | None) -> torch.Tensor:
         """x [1, N, W] embedded tokens, ahead [1, <= lookahead, W] the embedded tokens after them."""

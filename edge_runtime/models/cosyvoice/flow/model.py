@@ -3,6 +3,7 @@
 The voice prompt's tokens go first: the encoder reads [prompt tokens, tokens], the solver is given
 the prompt's mel as the condition of its first frames, and only the frames after the prompt are
 returned. Parameter names and shapes equal upstream's, so ``flow.pt`` loads with ``strict=True``.
+:class:`TokenFlow` holds what CosyVoice3's DiT flow (``cosyvoice.dit``) shares with this one.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ def prompt_condition(prompt: torch.Tensor, start: int, end: int) -> torch.Tensor
     return cond
 
 
-class CausalFlow(nn.Module):
-    def __init__(self, cfg: FlowConfig | None = None) -> None:
-        super().__init__()
-        cfg = cfg or FlowConfig()
-        self.cfg = cfg
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.mel_bins)
-        self.encoder = UpsampleConformerEncoder(cfg)
-        self.encoder_proj = nn.Linear(cfg.encoder_size, cfg.mel_bins)
-        self.decoder = CausalCFM(cfg)
+class TokenFlow(nn.Module):
+    """What CosyVoice2's and CosyVoice3's flows share: placement, the speaker condition and
+    ``inference``. A subclass sets ``cfg``, ``input_embedding``, ``spk_embed_affine_layer`` and
+    ``decoder`` (a :class:`CausalCFM`) and defines :meth:`encode`."""
+
+    cfg: Any
+    input_embedding: nn.Embedding
+    spk_embed_affine_layer: nn.Linear
+    decoder: CausalCFM
 
     # Offloading backends may leave weights on the meta device (streamed from disk) or partitioned
     # (ZeRO-3) until their module's forward runs, so where inputs go is the execution device the
@@ -63,11 +63,10 @@ class CausalFlow(nn.Module):
 
     def encode(self, tokens: torch.Tensor, ahead: torch.Tensor, *, chunked: bool, start: int = 0,
                state: LayerState | None = None) -> torch.Tensor:
-        """Tokens [1, N] (+ up to 3 look-ahead tokens [1, L]) -> the encoder's mel mu [1, 80, 2N];
-        see :meth:`UpsampleConformerEncoder.forward` for ``chunked``, ``start`` and ``state``."""
-        h = self.encoder(self.input_embedding(tokens), self.input_embedding(ahead), chunked=chunked,
-                         start=start, state=state)
-        return self.encoder_proj(h).transpose(1, 2)
+        """Tokens [1, N] (+ up to 3 look-ahead tokens [1, L]) at positions ``start..start+N`` -> the
+        mel mu [1, 80, 2N] the solver is conditioned on; ``chunked``: streaming (chunk-causal);
+        ``state``: what the positions before ``start`` left (incremental streaming)."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def inference(self, tokens: Any, prompt_tokens: Any, prompt_feat: Any, embedding: Any, *,
@@ -93,7 +92,8 @@ class CausalFlow(nn.Module):
                                     "(the last ones are only look-ahead)")
         seq = torch.cat([prompt, target], dim=1)
         body = seq.shape[1] - look
-        buffer = inputs.noise_buffer(noise, generator, cfg.mel_bins, dtype, device, body * cfg.token_mel_ratio)
+        buffer = inputs.noise_buffer(noise, generator, cfg.mel_bins, self.decoder.solver_dtype or dtype, device,
+                                     body * cfg.token_mel_ratio)
         mu = self.encode(seq[:, :body], seq[:, body:], chunked=streaming)
         frames = mu.shape[2]
         mask = chunk_mask(0, frames, frames, cfg.chunk_frames, device) if streaming else None
@@ -101,6 +101,26 @@ class CausalFlow(nn.Module):
                                  prompt_condition(feat, 0, frames), plan=self.decoder.plan(dtype, device),
                                  mask=mask)
         return mel[:, :, feat.shape[2]:].float()
+
+
+class CausalFlow(TokenFlow):
+    def __init__(self, cfg: FlowConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or FlowConfig()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.mel_bins)
+        self.encoder = UpsampleConformerEncoder(cfg)
+        self.encoder_proj = nn.Linear(cfg.encoder_size, cfg.mel_bins)
+        self.decoder = CausalCFM(cfg)
+
+    def encode(self, tokens: torch.Tensor, ahead: torch.Tensor, *, chunked: bool, start: int = 0,
+               state: LayerState | None = None) -> torch.Tensor:
+        """Tokens [1, N] (+ up to 3 look-ahead tokens [1, L]) -> the encoder's mel mu [1, 80, 2N];
+        see :meth:`UpsampleConformerEncoder.forward` for ``chunked``, ``start`` and ``state``."""
+        h = self.encoder(self.input_embedding(tokens), self.input_embedding(ahead), chunked=chunked,
+                         start=start, state=state)
+        return self.encoder_proj(h).transpose(1, 2)
 
 
 def build(cfg: FlowConfig | None = None, device: torch.device | str | None = None) -> CausalFlow:

@@ -11,7 +11,8 @@ the frames of every whole chunk whose 3 look-ahead tokens are known; the frames 
 chunks are computed too (not returned), so pushing before any token exists does that work early.
 
 Memory: the estimator's keys/values cost ``FlowConfig.cache_bytes_per_frame`` per frame of
-history (prompt frames included; 4.6 MB at the published size in fp32, half that in fp16/bf16).
+history (prompt frames included; 4.6 MB at CosyVoice2's published size in fp32, 3.6 MB for
+CosyVoice3's DiT, half that in fp16/bf16).
 ``max_cache_frames`` bounds it: past that many frames the keys/values are not kept and every later
 push recomputes the estimator from that frame on (exact, but the cost grows again with length).
 
@@ -32,13 +33,13 @@ import torch
 from edge_runtime.errors import InvalidInputError
 from edge_runtime.models.cosyvoice.flow import inputs
 from edge_runtime.models.cosyvoice.flow.incremental import LayerState, chunk_mask
-from edge_runtime.models.cosyvoice.flow.model import CausalFlow, prompt_condition
+from edge_runtime.models.cosyvoice.flow.model import TokenFlow, prompt_condition
 
 
 class FlowStream:
     """One streamed request: :meth:`push` all tokens so far, get the mel of the frames that became final."""
 
-    def __init__(self, flow: CausalFlow, prompt_tokens: Any, prompt_feat: Any, embedding: Any,
+    def __init__(self, flow: TokenFlow, prompt_tokens: Any, prompt_feat: Any, embedding: Any,
                  noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
                  final_pass: Literal["full", "chunked"] = "full", max_cache_frames: int | None = None) -> None:
         if final_pass not in ("full", "chunked"):
@@ -53,7 +54,7 @@ class FlowStream:
         self._prompt_mel = inputs.prompt_mel(prompt_feat, self._prompt.shape[1], cfg.token_mel_ratio,
                                              cfg.mel_bins, dtype, device)
         self._embedding = inputs.speaker_embedding(embedding, cfg.spk_embed_dim, torch.float32, device)
-        self._noise = inputs.noise_buffer(noise, generator, cfg.mel_bins, dtype, device)
+        self._noise = inputs.noise_buffer(noise, generator, cfg.mel_bins, flow.decoder.solver_dtype or dtype, device)
         # keys/values are kept up to a whole chunk, so that every cached frame is final
         limit = None if max_cache_frames is None else max_cache_frames // cfg.chunk_frames * cfg.chunk_frames
         self._cache_limit = math.inf if limit is None else limit
@@ -118,7 +119,8 @@ class FlowStream:
         out._steps = [state.copy() for state in self._steps]
         if noise is not None:
             device, dtype = self._flow.placement
-            out._noise = inputs.noise_buffer(noise, None, self._cfg.mel_bins, dtype, device)
+            out._noise = inputs.noise_buffer(noise, None, self._cfg.mel_bins, self._flow.decoder.solver_dtype or dtype,
+                                             device)
         return out
 
     def close(self) -> None:
