@@ -1,6 +1,7 @@
 """CosyVoice2: edge_runtime's family vs the reference implementation, same random weights, same inputs.
 
     python scripts/bench_cosyvoice.py [--model DIR] [--tokens 100] [--requests 100] [--out FILE.json]
+    python scripts/bench_cosyvoice.py --version 3 [--upstream DIR] [--model DIR] [--tokens 100] [--requests N]
 
 DIR is a CosyVoice2 folder in the official layout; without --model a published-size folder (random
 weights, ~2.6 GB) is written once to ~/.cache/edge_runtime/bench/cosyvoice2-published by
@@ -20,11 +21,24 @@ same tokens: the same-precision comparison.
 Ours only: RSS drift over --requests streamed requests through the runtime (per-request cleanup; short
 sentences capped at 8 tokens, no voice prompt, to keep 100 requests to minutes), from the end of a
 warm-up to the end. Targets: total <= 0.8x, first audio <= 0.5x, drift <= 1%.
+
+--version 3 (CosyVoice3, same rows and targets): without --model a published-size folder (~3.7 GB) is
+written once to ~/.cache/edge_runtime/bench/cosyvoice3-published by scripts/cosyvoice3_testmodel.py
+(our modules, upstream's keys and shapes). The reference is upstream's own code from a checkout
+(--upstream, default /work/cosyvoice_upstream; scripts/cosyvoice3_fixtures.py says how to make one),
+run by scripts/cosyvoice3_reference_bench.py in the same venv: its LM, flow, HiFT and its
+CosyVoice3Model.tts(stream=True). Any id >= 6561 ends CosyVoice3's LM and random weights draw one at
+once, so both sides mask all of them until exactly --tokens (ours: end_only_after_min=True). The
+prompt text is upstream's "You are a helpful assistant.<|endofprompt|>" + transcript, with id 151646
+for <|endofprompt|> (the test folder's small BPE has its own id for it, but upstream asserts 151646;
+a test vocabulary too small for 151646 uses the tokenizer's id, on both sides). RSS drift runs only
+when --requests is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -37,6 +51,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PY = ROOT / ".cosyvoice_ref" / "bin" / "python"
+UPSTREAM = Path("/work/cosyvoice_upstream")
+ENDOFPROMPT_ID = 151646  # <|endofprompt|> in the published vocabulary, asserted by upstream's CosyVoice3 LM
 TEXT = ("The old lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, and watched "
         "the ships slide past the rocks; in forty years he never missed a night, and the town, in its "
         "quiet way, loved him for it.")
@@ -49,32 +65,54 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def published_folder() -> Path:
+def published_folder(version: int = 2) -> Path:
     folder = Path(os.environ.get("EDGE_RUNTIME_CACHE_DIR", Path.home() / ".cache" / "edge_runtime"))
-    folder = folder / "bench" / "cosyvoice2-published"
+    folder = folder / "bench" / f"cosyvoice{version}-published"
     if not (folder / "spk2info.pt").is_file():
-        print(f"writing a published-size random CosyVoice2 folder to {folder} ...", flush=True)
-        subprocess.run([str(REF_PY), str(ROOT / "scripts" / "cosyvoice_testmodel.py"), str(folder),
-                        "--size", "published"], check=True)
+        print(f"writing a published-size random CosyVoice{version} folder to {folder} ...", flush=True)
+        if version == 3:  # from our own modules: runs in this venv
+            writer = [sys.executable, str(ROOT / "scripts" / "cosyvoice3_testmodel.py")]
+        else:
+            writer = [str(REF_PY), str(ROOT / "scripts" / "cosyvoice_testmodel.py")]
+        subprocess.run([*writer, str(folder), "--size", "published"], check=True)
     return folder
 
 
-def inputs(folder: Path, seed: int) -> dict:
+def inputs(folder: Path, seed: int, version: int = 2) -> dict:
     from edge_runtime.models.cosyvoice.tokenizer import CosyVoiceTextTokenizer
 
-    tok = CosyVoiceTextTokenizer(folder / "CosyVoice-BlankEN")
+    tok = CosyVoiceTextTokenizer(folder / "CosyVoice-BlankEN", version=version)
     g = torch.Generator().manual_seed(seed)
-    return {"text_ids": tok.encode(TEXT), "prompt_text_ids": tok.encode(TRANSCRIPT),
+    prompt_text, extra = tok.encode(TRANSCRIPT), {}
+    if version == 3:
+        from edge_runtime.models.cosyvoice.family import SYSTEM_PROMPT
+
+        vocab = json.loads((folder / "CosyVoice-BlankEN" / "config.json").read_text())["vocab_size"]
+        eop = ENDOFPROMPT_ID if vocab > ENDOFPROMPT_ID else tok.endofprompt_id
+        prompt_text = tok.encode(SYSTEM_PROMPT) + [eop] + prompt_text
+        extra = {"endofprompt_id": eop}
+    return {"text_ids": tok.encode(TEXT), "prompt_text_ids": prompt_text,
             "prompt_speech_tokens": torch.randint(0, 6561, (PROMPT_TOKENS,), generator=g).tolist(),
             "embedding": torch.randn(192, generator=g).tolist(),
-            "prompt_feat": (torch.randn(2 * PROMPT_TOKENS, 80, generator=g) - 5).tolist()}
+            "prompt_feat": (torch.randn(2 * PROMPT_TOKENS, 80, generator=g) - 5).tolist()} | extra
 
 
-def run_reference(folder: Path, req: dict, out: Path) -> dict:
+def check_upstream(upstream: Path) -> None:
+    if not (upstream / "cosyvoice" / "cli" / "model.py").is_file():
+        raise SystemExit(f"--upstream {upstream}: no checkout of FunAudioLLM/CosyVoice there (cosyvoice/cli/model.py "
+                         "missing); make one with: mkdir -p DIR && git --git-dir=/work/.mirror/FunAudioLLM+CosyVoice/"
+                         "repo archive HEAD | tar -x -C DIR (see scripts/cosyvoice3_fixtures.py)")
+
+
+def run_reference(folder: Path, req: dict, out: Path, version: int = 2, upstream: Path = UPSTREAM) -> dict:
     if not REF_PY.is_file():
         raise SystemExit("the reference venv is missing: bash scripts/cosyvoice_reference.sh")
-    proc = subprocess.run([str(REF_PY), str(ROOT / "scripts" / "cosyvoice_reference_bench.py"), str(folder),
-                           str(out)], input=json.dumps(req), text=True, capture_output=True)
+    cmd = [str(REF_PY), str(ROOT / "scripts" / "cosyvoice_reference_bench.py"), str(folder), str(out)]
+    if version == 3:
+        check_upstream(upstream)
+        cmd = [str(REF_PY), str(ROOT / "scripts" / "cosyvoice3_reference_bench.py"), str(folder), str(out),
+               "--upstream", str(upstream)]
+    proc = subprocess.run(cmd, input=json.dumps(req), text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"reference bench failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -91,13 +129,18 @@ def voice_from(req: dict, model):
                          extra={"mode": "zero_shot"})
 
 
-def run_ours(folder: Path, req: dict, n: int, threads: int, requests: int) -> dict:
+def run_ours(folder: Path, req: dict, n: int, threads: int, requests: int, version: int = 2) -> dict:
     import edge_runtime
-    from edge_runtime.models.cosyvoice.hift_stream import vocode
 
     rt = edge_runtime.load(str(folder), profile="cpu", overrides=(f"runtime.threads={threads}",
                                                                   "precision.dtype=fp32"))
     model = rt.model
+    vocode = model.pipeline.vocode
+    # CosyVoice3: no stop id before the minimum, so that random weights run exactly n tokens (the
+    # reference masks the same ids); the pipeline's requests call the LM's generate too
+    fixed = {"end_only_after_min": True} if version == 3 else {}
+    if fixed:
+        model.lm.generate = functools.partial(model.lm.generate, **fixed)
     voice = voice_from(req, model)
     text, prompt_text, prompt_speech = req["text_ids"], req["prompt_text_ids"], req["prompt_speech_tokens"]
     res: dict = {"tokens": n}
@@ -122,7 +165,7 @@ def run_ours(folder: Path, req: dict, n: int, threads: int, requests: int) -> di
         with torch.inference_mode():
             t0 = time.perf_counter()
             count = sum(1 for _ in fp32_lm.generate(text, prompt_text, prompt_speech, generator=torch.Generator()
-                                                    .manual_seed(0), min_tokens=n, max_tokens=n))
+                                                    .manual_seed(0), min_tokens=n, max_tokens=n, **fixed))
             res["lm_fp32_s"], res["lm_fp32_tokens"] = time.perf_counter() - t0, count
         del fp32_lm
     def first_audio() -> tuple[float, float, int]:
@@ -194,20 +237,33 @@ def table(ref: dict, ours: dict) -> list[tuple[str, float, float, float]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, help="CosyVoice2 folder (default: a published-size random one)")
+    p.add_argument("--version", type=int, choices=(2, 3), default=2, help="CosyVoice2 or CosyVoice3 (default 2)")
+    p.add_argument("--model", type=Path, help="CosyVoice2/3 folder (default: a published-size random one)")
+    p.add_argument("--upstream", type=Path, default=UPSTREAM,
+                   help=f"--version 3: checkout of FunAudioLLM/CosyVoice, the reference (default {UPSTREAM})")
     p.add_argument("--tokens", type=int, default=100, help="speech tokens per request (default 100 = 4 s)")
-    p.add_argument("--requests", type=int, default=100, help="requests for the RSS drift (0: skip)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests for the RSS drift (0: skip; default 100 for version 2, 0 for version 3)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("bench_cosyvoice.json"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench_cosyvoice.json (version 2), bench_cosyvoice3.json (version 3)")
     a = p.parse_args()
-    folder = a.model or published_folder()
+    v3 = a.version == 3
+    requests = a.requests if a.requests is not None else (0 if v3 else 100)
+    out = a.out or Path("bench_cosyvoice3.json" if v3 else "bench_cosyvoice.json")
+    if v3:
+        check_upstream(a.upstream)  # before writing a 3.7 GB folder
+    folder = a.model or published_folder(a.version)
     torch.set_num_threads(a.threads)
-    req = inputs(folder, seed=0) | {"tokens": a.tokens, "threads": a.threads, "seed": 0}
+    req = inputs(folder, seed=0, version=a.version) | {"tokens": a.tokens, "threads": a.threads, "seed": 0}
     print(f"model {folder}; text {len(TEXT)} characters = {len(req['text_ids'])} tokens; "
           f"{a.tokens} speech tokens; prompt {PROMPT_TOKENS} tokens; {a.threads} threads", flush=True)
-    ref = run_reference(folder, req, a.out.with_suffix(".reference.json"))
+    if v3:
+        print(f"CosyVoice3; reference: upstream at {a.upstream}; <|endofprompt|> id {req['endofprompt_id']}",
+              flush=True)
+    ref = run_reference(folder, req, out.with_suffix(".reference.json"), a.version, a.upstream)
     print("reference:", json.dumps(ref), flush=True)
-    ours = run_ours(folder, req, a.tokens, a.threads, a.requests)
+    ours = run_ours(folder, req, a.tokens, a.threads, requests, a.version)
     rows = table(ref, ours)
     print(f"\n{'':34}{'reference':>12}{'ours':>12}{'ours/ref':>10}")
     for name, r, o, ratio in rows:
@@ -222,9 +278,10 @@ def main() -> int:
         checks["RSS drift <= 1%"] = abs(ours["rss_drift_pct"]) <= 1.0
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    a.out.write_text(json.dumps({"reference": ref, "ours": ours, "rows": rows, "checks": checks,
-                                 "text_chars": len(TEXT), "tokens": a.tokens, "threads": a.threads}, indent=2))
-    print(f"wrote {a.out}")
+    out.write_text(json.dumps({"reference": ref, "ours": ours, "rows": rows, "checks": checks,
+                               "text_chars": len(TEXT), "tokens": a.tokens, "threads": a.threads}
+                              | ({"version": 3} if v3 else {}), indent=2))
+    print(f"wrote {out}")
     return 0 if all(checks.values()) else 1
 
 

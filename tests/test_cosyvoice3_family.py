@@ -157,6 +157,7 @@ def test_modes_put_the_system_prompt_before_endofprompt(tiny, prompt):
         model = rt.model
         assert model.version is files.V3
         eop = model.tokenizer.endofprompt_id
+        assert model.lm.cfg.endofprompt_id == eop  # the LM checks the folder's own marker id
         system = model.tokenizer.encode("You are a helpful assistant.<|endofprompt|>")
         zero_shot = rt.prepare_voice(str(prompt), transcript="A prompt to clone.")[1]
         cross = rt.prepare_voice(str(prompt))[1]

@@ -20,6 +20,7 @@ write it. What upstream caches per speaker is the PreparedVoice, counted in byte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,9 @@ class CosyVoiceModel(SpeechModel):
         self.device, self.dtype = device, dtype
         self.version = parts.version
         self.tokenizer = CosyVoiceTextTokenizer(folder / files.QWEN_DIR, version=3 if parts.version is files.V3 else 2)
+        if parts.version is files.V3:
+            # the LM checks for <|endofprompt|> by id: the folder's tokenizer says which (151646 upstream)
+            lm.cfg = dataclasses.replace(lm.cfg, endofprompt_id=self.tokenizer.endofprompt_id)
         self.frontend = CosyVoiceFrontend(folder, parts.yaml, tokenizer=self.tokenizer, version=parts.version)
         self.pipeline = Pipeline(lm, flow, hift, parts, device, dtype)
 
