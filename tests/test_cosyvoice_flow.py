@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 PROMPT_A = list(range(5, 12))  # 7 tokens: the first hop is 25 + 18 (prompt + hop = 50)
 TOKENS_A = list(range(100, 200))  # 100 tokens: chunks of 43, 25, 25 + the final 7
 PROMPT_B = list(range(30, 60))  # 30 tokens: padded to 50 (first hop 45)
-TOKENS_B = [(7 * i + 3) % 6561 for i in range(250)]  # hops 45, 50, 100, final 55
+TOKENS_B = [(7 * i + 3) % 6561 for i in range(200)]  # hops 45, 50, 100, final 5
 NOISE_SEED_B = 7
 
 
