@@ -52,6 +52,7 @@ from edge_runtime.errors import InvalidInputError, ModelNotFoundError, RequestFa
 from edge_runtime.models.cosyvoice import yaml_config
 from edge_runtime.models.cosyvoice.folder import QWEN_DIR, V3_YAML
 from edge_runtime.models.cosyvoice.folder import YAML as V2_YAML
+from edge_runtime.models.cosyvoice.half_weights import use_half_weight_linears
 from edge_runtime.models.cosyvoice.sampling import RASSettings, ras_sampling
 
 IdsLike = Sequence[int] | torch.Tensor | np.ndarray
@@ -176,6 +177,7 @@ class CosyVoice2LM(nn.Module):
         self.llm = QwenBackbone(cfg.qwen_config())
         self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.speech_vocab)
         self.speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.llm_input_size)
+        use_half_weight_linears(self)  # bf16 weights on a CPU: prefill in fp32 (see half_weights.py)
 
     # -- placement ------------------------------------------------------------------------------
     # Offloading backends may leave a weight on the meta device (streamed from disk) or partitioned
@@ -359,6 +361,7 @@ class CosyVoice3LM(CosyVoice2LM):
         self.llm = QwenBackbone(cfg.qwen_config())
         self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.speech_vocab, bias=False)
         self.speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.llm_input_size)
+        use_half_weight_linears(self)  # bf16 weights on a CPU: prefill in fp32 (see half_weights.py)
 
     @property
     def sos(self) -> int:
