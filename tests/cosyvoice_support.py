@@ -1,4 +1,5 @@
-"""Test helper: the CosyVoice2 reference (random weights) through its scratch venv.
+"""Test helpers: the CosyVoice2 reference (random weights) through its scratch venv, and checks the
+CosyVoice2 and CosyVoice3 family tests share.
 
 The reference lives in .cosyvoice_ref (built by scripts/cosyvoice_reference.sh) and is only ever
 run as a subprocess, so none of its packages or stubs leak into the test process.
@@ -99,3 +100,70 @@ def reference_shapes(yaml_path: Path, section: str) -> dict[str, list[int]]:
     py = require_reference()
     out = _run([str(py), "-c", _REFERENCE_SHAPES, str(SCRIPTS), str(yaml_path), section])
     return json.loads(out.strip().splitlines()[-1])
+
+
+# -- shared by the CosyVoice2 and CosyVoice3 family tests ----------------------------------------------
+def write_prompt(path: Path) -> Path:
+    """Three seconds of a voiced, amplitude-modulated tone at 16 kHz (speech-like enough for the
+    stand-in front ends)."""
+    import soundfile as sf
+
+    t = np.arange(48000) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 140 * t + 2 * np.sin(2 * np.pi * 4 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    sf.write(path, wave.astype(np.float32), 16000)
+    return path
+
+
+def check_server(rt, prompt: Path, text: str) -> None:
+    """On a real server on loopback: voice upload, speech through the openai client, streamed pcm with
+    `instructions`, and a silent prompt refused with a 4xx naming it."""
+    import io
+
+    import httpx
+    import soundfile as sf
+
+    openai = pytest.importorskip("openai")
+    from server_support import ServerThread
+    from edge_runtime.serving.server import ServerSettings, create_app
+
+    with ServerThread(create_app(rt, ServerSettings(warm_up=False))) as server:
+        up = httpx.post(f"{server.url}/v1/voices", files={"file": ("me.wav", prompt.read_bytes(), "audio/wav")},
+                        data={"transcript": "A prompt to clone."}, timeout=300)
+        assert up.status_code in (200, 201), up.text
+        voice_id = up.json()["id"]
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+        whole = client.audio.speech.create(model=rt.model.model_id, voice=voice_id, input=text, response_format="wav")
+        audio, rate = sf.read(io.BytesIO(whole.content))
+        assert rate == 24000 and len(audio) > 0
+        with client.audio.speech.with_streaming_response.create(
+                model=rt.model.model_id, voice=voice_id, input=text, response_format="pcm",
+                instructions="Speak slowly.") as response:
+            pcm = b"".join(response.iter_bytes())
+        assert len(pcm) > 0 and len(pcm) % 2 == 0
+        silent = io.BytesIO()
+        sf.write(silent, np.zeros(16000, np.float32), 16000, format="WAV")
+        bad = httpx.post(f"{server.url}/v1/voices", files={"file": ("s.wav", silent.getvalue(), "audio/wav")},
+                         timeout=300)
+        assert 400 <= bad.status_code < 500 and "silent" in bad.text
+
+
+def check_backend_equals_resident(folder: Path, resident: tuple, text: str, seed: int, tier: tuple[str, ...],
+                                  backend: str, target: str) -> None:
+    """``resident`` = (voice, whole audio, streamed chunks) of the resident runtime; the same request
+    under ``backend`` on a tier too small for the model gives exactly that audio."""
+    import edge_runtime
+
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    voice, whole, chunks = resident
+    rt = edge_runtime.load(str(folder), profile="6gb", overrides=(*tier, f"offload.target={target}",
+                                                                 f"offload.backend={backend}"))
+    try:
+        placed = rt.placement
+        assert placed["backend"] == backend and placed["streamed_bytes"] > 0
+        assert np.array_equal(rt.synthesize(text, voice=voice, seed=seed)[0], whole)
+        streamed = list(rt.stream(text, voice=voice, seed=seed))
+        assert len(streamed) == len(chunks) > 1
+        assert all(np.array_equal(a, b) for a, b in zip(streamed, chunks))
+    finally:
+        rt.close()

@@ -4,7 +4,6 @@ resident, and clear errors for bad folders and prompts."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +14,8 @@ import soundfile as sf
 import torch
 
 import edge_runtime
-from cosyvoice_support import published_yaml, require_reference, tiny_model_dir
+from cosyvoice_support import (check_backend_equals_resident, check_server, published_yaml, require_reference,
+                               tiny_model_dir, write_prompt)
 from edge_runtime.serving.cli import main
 
 pytestmark = pytest.mark.slow
@@ -52,13 +52,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompt(tmp_path_factory) -> Path:
-    """Three seconds of a voiced, amplitude-modulated tone at 16 kHz (speech-like enough for the
-    stand-in front ends)."""
-    t = np.arange(48000) / 16000
-    wave = 0.3 * np.sin(2 * np.pi * 140 * t + 2 * np.sin(2 * np.pi * 4 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
-    path = tmp_path_factory.mktemp("prompt") / "me.wav"
-    sf.write(path, wave.astype(np.float32), 16000)
-    return path
+    return write_prompt(tmp_path_factory.mktemp("prompt") / "me.wav")
 
 
 # -- planning from the published configs -----------------------------------------------------------
@@ -195,37 +189,9 @@ def test_bad_prompt_exits_2(tiny, tmp_path, capsys, kind):
 
 # -- the server -------------------------------------------------------------------------------------
 def test_server_voice_upload_speech_stream_and_instructions(tiny, prompt):
-    openai = pytest.importorskip("openai")
-    import httpx
-
-    from server_support import ServerThread
-    from edge_runtime.serving.server import ServerSettings, create_app
-
     rt = edge_runtime.load(str(tiny), profile="cpu", overrides=THREADS)
     try:
-        with ServerThread(create_app(rt, ServerSettings(warm_up=False))) as server:
-            up = httpx.post(f"{server.url}/v1/voices", files={"file": ("me.wav", prompt.read_bytes(), "audio/wav")},
-                            data={"transcript": "A prompt to clone."}, timeout=300)
-            assert up.status_code in (200, 201), up.text
-            voice_id = up.json()["id"]
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
-            whole = client.audio.speech.create(model=rt.model.model_id, voice=voice_id, input=TEXT,
-                                               response_format="wav")
-            audio, rate = sf.read(io.BytesIO(whole.content))
-            assert rate == 24000 and len(audio) > 0
-            chunks = []
-            with client.audio.speech.with_streaming_response.create(
-                    model=rt.model.model_id, voice=voice_id, input=TEXT, response_format="pcm",
-                    instructions="Speak slowly.") as response:
-                for chunk in response.iter_bytes():
-                    chunks.append(chunk)
-            pcm = b"".join(chunks)
-            assert len(pcm) > 0 and len(pcm) % 2 == 0
-            silent = io.BytesIO()
-            sf.write(silent, np.zeros(16000, np.float32), 16000, format="WAV")
-            bad = httpx.post(f"{server.url}/v1/voices", files={"file": ("s.wav", silent.getvalue(), "audio/wav")},
-                             timeout=300)
-            assert 400 <= bad.status_code < 500 and "silent" in bad.text
+        check_server(rt, prompt, TEXT)
     finally:
         rt.close()
 
@@ -252,17 +218,4 @@ def resident_audio(tiny, prompt):
 # (accelerate on a cpu target places nothing differently from disk here: the toy family covers it)
 @pytest.mark.parametrize("backend,target", [("accelerate", "disk"), ("streamer", "disk"), ("deepspeed", "cpu")])
 def test_every_backend_gives_the_resident_audio(tiny, resident_audio, backend, target):
-    if backend == "deepspeed":
-        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
-    voice, whole, chunks = resident_audio
-    rt = edge_runtime.load(str(tiny), profile="6gb", overrides=(*TINY_TIER, f"offload.target={target}",
-                                                               f"offload.backend={backend}"))
-    try:
-        placed = rt.placement
-        assert placed["backend"] == backend and placed["streamed_bytes"] > 0
-        assert np.array_equal(rt.synthesize(TEXT, voice=voice, seed=4)[0], whole)
-        streamed = list(rt.stream(TEXT, voice=voice, seed=4))
-        assert len(streamed) == len(chunks) > 1
-        assert all(np.array_equal(a, b) for a, b in zip(streamed, chunks))
-    finally:
-        rt.close()
+    check_backend_equals_resident(tiny, resident_audio, TEXT, 4, TINY_TIER, backend, target)
