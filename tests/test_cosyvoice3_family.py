@@ -136,6 +136,7 @@ def test_plan_published_size_before_download(tmp_path, capsys, profile):
     assert main(["plan", "--model", str(folder), "--profile", profile]) == 0
     text = capsys.readouterr().out
     assert "flow_estimator" in text and "hift" in text and "peak" in text.lower()
+    assert "1.7 MiB per mel frame" in text  # the streamed flow cache (bf16), which the peak leaves out
 
 
 # -- the CLI and the runtime on the tiny folder ----------------------------------------------------------

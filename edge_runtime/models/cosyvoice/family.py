@@ -59,6 +59,16 @@ def _marks_table(lm: torch.nn.Module) -> list[torch.nn.Module]:
     return [lm.llm_embedding] if hasattr(lm, "llm_embedding") else []
 
 
+def _flow_cache_note(flow_cfg, dtype: torch.dtype) -> str:
+    """What a streamed request keeps beyond the plan's peak: the flow's keys/values per Euler step."""
+    from edge_runtime.models.cosyvoice.pipeline import FLOW_CACHE_BYTES
+
+    per_frame = flow_cfg.cache_bytes_per_frame(torch.tensor([], dtype=dtype).element_size())
+    return (f"a streamed request keeps the flow's keys/values: {per_frame / 2**20:.1f} MiB per mel frame "
+            f"(50 frames per second of audio, the voice prompt's included), at most "
+            f"{FLOW_CACHE_BYTES / 2**30:.0f} GiB per request; not in the peak above")
+
+
 class _Parts:
     """The three skeletons of the folder's CosyVoice version, built from its configs (on whatever
     device is current)."""
@@ -159,7 +169,8 @@ class CosyVoiceModel(SpeechModel):
         hift_layout = describe_model(hift, {"hift": _blocks(hift)}, (), dtype, ("hift",))
         hift_layout = hift_layout.replace_component("hift", stays_resident=True, batch_cap=1,
                                                     tokens_per_char=tokens_per_char)
-        return main.with_submodel("flow", flow_layout).with_submodel("hift", hift_layout)
+        layout = main.with_submodel("flow", flow_layout).with_submodel("hift", hift_layout)
+        return dataclasses.replace(layout, notes=layout.notes + (_flow_cache_note(parts.flow, dtype),))
 
     @classmethod
     def load(cls, source: ModelSource, placer: Placer) -> CosyVoiceModel:
