@@ -73,11 +73,11 @@ class _Parts:
     """The three skeletons of the folder's CosyVoice version, built from its configs (on whatever
     device is current)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, version: files.Version) -> None:
         from edge_runtime.models.cosyvoice.llm import LMConfig
         from edge_runtime.models.cosyvoice.yaml_config import load as load_yaml
 
-        self.version = files.detect(folder)
+        self.version = version
         v3 = self.version is files.V3
         if v3:
             from edge_runtime.models.cosyvoice.dit import DiTFlowConfig as FlowConfig
@@ -148,9 +148,7 @@ class CosyVoiceModel(SpeechModel):
     def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
         from edge_runtime.policy.planner import SPEECH_CHARS_PER_S, describe_model
 
-        version = files.detect(source.path)
-        files.check_files(source.path, version.config_files)
-        parts = _Parts(source.path)
+        parts = _Parts(source.path, files.check_files(source.path, config_only=True))
         with torch.device("meta"):
             lm, flow, hift = parts.build_lm(), parts.build_flow(), parts.build_hift()
         backbone = lm.llm.model.model
@@ -175,8 +173,7 @@ class CosyVoiceModel(SpeechModel):
     @classmethod
     def load(cls, source: ModelSource, placer: Placer) -> CosyVoiceModel:
         folder = source.path
-        files.check_files(folder)
-        parts = _Parts(folder)
+        parts = _Parts(folder, files.check_files(folder))
         builders = {"": parts.build_lm, "flow": parts.build_flow, "hift": parts.build_hift}
         for name, build in builders.items():  # strict keys and shapes, before any weight is read
             with torch.device("meta"):

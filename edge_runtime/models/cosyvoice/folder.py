@@ -108,11 +108,11 @@ def detect(folder: Path) -> Version:
     return version
 
 
-def check_files(folder: Path, names: tuple[str, ...] | None = None) -> Version:
-    """The folder's version, once every file it needs (``names``: those of the version's
-    ``required_files`` by default) is present; else an error listing each missing one."""
+def check_files(folder: Path, *, config_only: bool = False) -> Version:
+    """The folder's version, once every file it needs (``config_only``: those `plan` reads) is
+    present; else an error listing each missing one."""
     version = detect(folder)
-    needed = version.required_files if names is None else names
+    needed = version.config_files if config_only else version.required_files
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise ModelNotFoundError(
