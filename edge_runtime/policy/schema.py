@@ -77,6 +77,21 @@ class Offload(Section):
         return self
 
 
+class Quantization(Section):
+    """Weight-only quantization of a family's LM layers, a placement choice made by the planner
+    (policy/planner/precision.py): the least lossy plan whose per-frame blocks fit the GPU."""
+
+    allowed: tuple[Literal["int8", "int4"], ...] = key(
+        "a list of int8 and/or int4 (precisions the planner may give an LM layer; [] = never quantize)",
+        default=("int8", "int4"))
+    # Predicted relative output error per layer (policy/quantization.PREDICTED_LAYER_ERROR): a
+    # precision predicted to exceed it is not used, whatever the memory.
+    max_layer_error: float = key("a number >= 0 (relative error per layer, e.g. 0.02 allows int8 only)",
+                                 default=0.2, ge=0)
+    force: Optional[Literal["int8", "int4"]] = key(
+        "null (the planner decides), int8 or int4 (every quantizable layer, whatever fits)", default=None)
+
+
 class Cleanup(Section):
     """When the memory governor (memory.py) empties caches and trims the heap."""
 
@@ -135,6 +150,7 @@ class Profile(Section):
     memory: Memory
     precision: Precision
     offload: Offload
+    quantization: Quantization = Field(default_factory=Quantization)
     cleanup: Cleanup
     voice_cache: VoiceCache
     batching: Batching

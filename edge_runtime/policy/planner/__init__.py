@@ -12,7 +12,7 @@ from edge_runtime.policy.planner.configs import (CODEC_ACTIVATION_COPIES, SPEECH
                                                  build_on_meta, layout_from_config)
 from edge_runtime.policy.planner.cost import BlockCost, CostModel, block_cost
 from edge_runtime.policy.planner.layout import Block, ComponentLayout, ModelLayout
-from edge_runtime.policy.planner.placement import plan
+from edge_runtime.policy.planner.precision import plan
 from edge_runtime.policy.planner.plan import BlockPlacement, Plan, PlanError
 from edge_runtime.policy.planner.sizing import describe_model
 

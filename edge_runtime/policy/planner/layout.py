@@ -43,6 +43,9 @@ class Block:
     # The sub-model (its own checkpoint) holding the block: "" for the main one. Blocks of another
     # sub-model are named "<submodel>:<module name inside it>", unique across the whole layout.
     submodel: str = ""
+    # (out_features, in_features) of each nn.Linear in the block: what weight-only quantization of a
+    # ``quantizable`` component stores (policy/quantization.py sizes it).
+    linear_shapes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class ComponentLayout:
     # Tokens per character of the sentence when this component sees only the generated part (a codec
     # decoding the new frames, not the voice prompt's); None: it sees the whole request sequence.
     tokens_per_char: float | None = None
+    # Its nn.Linear weights may be stored int8/int4 (a family marks its LM decoder layers only: codecs,
+    # connectors, diffusion and audio heads stay in their dtype).
+    quantizable: bool = False
 
     @property
     def kind(self) -> str:

@@ -46,9 +46,11 @@ class _Unit:
         return any(b.autoregressive for b in self.blocks)
 
 
-def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: CostModel | None = None,
-         target: str | None = None) -> Plan:
-    """Place every block of ``layout`` within ``budget`` (see the module docstring)."""
+def place(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: CostModel | None = None,
+          target: str | None = None, precisions: dict[str, str] | None = None) -> Plan:
+    """Place every block of ``layout`` within ``budget`` (see the module docstring). ``layout`` already
+    carries the sizes of the blocks ``precisions`` quantizes (precision.quantized_layout); the plan
+    records each block's precision and predicted error."""
     cost = cost_model or CostModel()
     offload = profile.offload
     target = target or offload.target
@@ -71,7 +73,8 @@ def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: Cost
     if budget.cpu_only:
         notes.append("CPU-only profile: every block computes on the CPU")
         placed = {b.name: "cpu" for b in layout.blocks}
-        return _build(layout, profile, budget, cost, placed, "resident", target, 0, 0, 0, notes, opts)
+        return _build(layout, profile, budget, cost, placed, "resident", target, 0, 0, 0, notes, opts,
+                      precisions)
 
     units = _units(layout, known)
     _check_minimum(units, layout, budget)
@@ -122,7 +125,7 @@ def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: Cost
     if streamed_ar:
         notes.append(f"{len(streamed_ar)} AR block(s) stream and pay their transfer on every token")
     return _build(layout, profile, budget, cost, placed, backend, target, prefetch, inflight,
-                  usable, notes, opts)
+                  usable, notes, opts, precisions)
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -240,7 +243,10 @@ def _fail(units, budget: Budget, need: int, backend: str, layout: ModelLayout) -
 
 
 def _build(layout, profile, budget, cost, placed, backend, target, prefetch, inflight,
-           usable, notes, opts) -> Plan:
+           usable, notes, opts, precisions) -> Plan:
+    from edge_runtime.policy.quantization import PREDICTED_LAYER_ERROR
+
+    precisions = precisions or {}
     comps = {c.name: c for c in layout.components}
     rows, kv_gpu = [], 0
     for b in layout.blocks:
@@ -254,7 +260,8 @@ def _build(layout, profile, budget, cost, placed, backend, target, prefetch, inf
             name=b.name, component=b.component, index=b.index, placement=where, bytes=b.bytes,
             params=b.params, autoregressive=b.autoregressive, kv_bytes=kv,
             extra_s=c.per_request_s if c else 0.0, extra_per_token_s=c.per_token_s if c else 0.0,
-            submodel=b.submodel))
+            submodel=b.submodel, precision=precisions.get(b.name, ""),
+            predicted_error=PREDICTED_LAYER_ERROR.get(precisions.get(b.name, ""), 0.0)))
     dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(layout.dtype), "fp32")
     result = Plan(model_name=layout.model_name, dtype=dtype, blocks=tuple(rows), backend=backend,
                   target=target, prefetch=prefetch, pin_memory=opts["pinned"],

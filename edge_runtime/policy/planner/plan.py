@@ -42,6 +42,8 @@ class BlockPlacement:
     extra_s: float  # predicted extra seconds per request
     extra_per_token_s: float  # predicted extra seconds per generated token (AR only)
     submodel: str = ""  # the checkpoint it comes from ("" the main one); see ModelLayout.with_submodel
+    precision: str = ""  # "" = the plan's dtype; "int8" / "int4": its Linear weights quantized
+    predicted_error: float = 0.0  # relative output error the precision is predicted to add (0 unquantized)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ class Plan:
                 return b.placement
         raise KeyError(name)
 
+    def quantized_blocks(self) -> dict[str, str]:
+        """Block name -> "int8" / "int4" for the blocks whose Linear weights are stored quantized."""
+        return {b.name: b.precision for b in self.blocks if b.precision}
+
     def cpu_modules(self) -> list[str]:
         """Blocks to *compute* on the CPU: an accelerate device_map says "cpu" for them as for
         stream:cpu, so the backend needs this list to tell the two apart."""
@@ -140,22 +146,24 @@ class Plan:
             "blocks": [{"name": b.name, "submodel": b.submodel, "component": b.component, "index": b.index,
                         "placement": b.placement, "bytes": b.bytes, "autoregressive": b.autoregressive,
                         "kv_bytes": b.kv_bytes, "extra_s": b.extra_s,
-                        "extra_per_token_s": b.extra_per_token_s} for b in self.blocks],
+                        "extra_per_token_s": b.extra_per_token_s, "precision": b.precision or self.dtype,
+                        "predicted_error": b.predicted_error} for b in self.blocks],
         }
 
     def table(self) -> str:
         """Consecutive blocks of one component with one placement share a row."""
-        head = f"{'component':<20} {'blocks':>9} {'AR':<3} {'placement':<12} {'GiB':>7} {'KV GiB':>7} " \
-               f"{'+ms/req':>9} {'+ms/tok':>8}"
+        head = f"{'component':<20} {'blocks':>9} {'AR':<3} {'placement':<12} {'prec':<5} {'GiB':>7} " \
+               f"{'KV GiB':>7} {'+ms/req':>9} {'+ms/tok':>8} {'error':>6}"
         lines = [head, "-" * len(head)]
         for rows in _runs(self.blocks):
             first, last = rows[0], rows[-1]
             span = str(first.index) if first is last else f"{first.index}-{last.index}"
             lines.append(
                 f"{first.component:<20} {span:>9} {'yes' if first.autoregressive else 'no':<3} "
-                f"{first.placement:<12} {gib(sum(r.bytes for r in rows)):7.3f} "
+                f"{first.placement:<12} {first.precision or self.dtype:<5} {gib(sum(r.bytes for r in rows)):7.3f} "
                 f"{gib(sum(r.kv_bytes for r in rows)):7.3f} {1e3 * sum(r.extra_s for r in rows):9.1f} "
-                f"{1e3 * sum(r.extra_per_token_s for r in rows):8.2f}")
+                f"{1e3 * sum(r.extra_per_token_s for r in rows):8.2f} "
+                f"{'-' if not first.precision else format(first.predicted_error, '.3f'):>6}")
         lines.append("-" * len(head))
         lines.append(f"resident {gib(self.resident_bytes):.2f} GiB, streamed from {self.target} "
                      f"{gib(self.streamed_bytes):.2f} GiB, on CPU {gib(self.cpu_bytes):.2f} GiB; "
@@ -230,7 +238,8 @@ def _covered(name: str, dmap: dict) -> bool:
 def _runs(blocks: tuple[BlockPlacement, ...]) -> list[list[BlockPlacement]]:
     runs: list[list[BlockPlacement]] = []
     for b in blocks:
-        if runs and runs[-1][-1].component == b.component and runs[-1][-1].placement == b.placement:
+        last = runs[-1][-1] if runs else None
+        if last and (last.component, last.placement, last.precision) == (b.component, b.placement, b.precision):
             runs[-1].append(b)
         else:
             runs.append([b])

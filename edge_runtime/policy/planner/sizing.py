@@ -92,15 +92,16 @@ def describe_model(
         if mod is not None:
             kv, cross_kv, width, attn = _inspect(mod)
             compute = _compute_params(mod)
+            linears = tuple((m.out_features, m.in_features) for m in mod.modules() if isinstance(m, nn.Linear))
         else:  # a bare parameter owned by a module that also holds blocks
             kv = cross_kv = width = 0
-            attn, compute = False, n_params
+            attn, compute, linears = False, n_params, ()
         ar = comp in autoregressive
         blocks_by_comp.setdefault(comp, []).append(Block(
             name=name, component=comp, index=idx, bytes=n_bytes, params=n_params,
             autoregressive=ar, compute_bytes=4 if is_fp32 else _itemsize(dtype),
             kv_elems_per_token=kv if ar else 0, cross_kv_elems_per_token=cross_kv if ar else 0,
-            compute_params=compute, width=width, has_attention=attn))
+            compute_params=compute, width=width, has_attention=attn, linear_shapes=linears))
 
     comps = []
     for comp, blocks in blocks_by_comp.items():
