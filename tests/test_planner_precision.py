@@ -77,7 +77,8 @@ def test_twelve_gib_quantizes_only_as_many_layers_as_needed(llama_7b):
     result = planned(llama_7b, 12)
     chosen = result.quantized_blocks()
     assert set(chosen.values()) == {"int8"} and 0 < len(chosen) < 28
-    assert fits(result, llama_7b) and result.peak_vram_bytes <= result.budget.usable_bytes
+    assert fits(result, llama_7b) and result.fits and result.peak_vram_bytes <= result.budget.usable_bytes
+    assert "fits: every per-frame block is on the GPU" in result.table()
     assert all(b.placement == "gpu" for b in result.blocks if b.component == LAYERS)
     # least lossy: one int8 layer fewer leaves a per-frame layer off the GPU
     fewer = dict(list(chosen.items())[:-1])
@@ -104,7 +105,7 @@ def test_seven_gib_goes_to_int4_after_every_layer_is_int8(llama_7b):
 def test_quality_budget_and_allowed_list_are_honoured(llama_7b):
     strict = planned(llama_7b, 7, quantization__max_layer_error=0.02)  # int4 predicted above the budget
     assert set(strict.quantized_blocks().values()) == {"int8"} and len(strict.quantized_blocks()) == 28
-    assert not fits(strict, llama_7b)  # degrades: some layers compute off the GPU, and the note says why
+    assert not fits(strict, llama_7b) and strict.fits is False  # degrades: some layers compute off the GPU, and the note says why
     assert any("does not fit 7.0 GiB" in n and "per frame" in n for n in strict.notes)
     none = planned(llama_7b, 12, quantization__allowed=())
     assert not none.quantized_blocks() and not fits(none, llama_7b)

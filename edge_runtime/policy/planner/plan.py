@@ -63,6 +63,9 @@ class Plan:
     # The largest batch this placement holds: weights, streaming buffers and reserve stay, while
     # activations and the GPU KV cache grow linearly with the batch. None: CPU-only, no VRAM bound.
     max_batch: int | None = None
+    # Every per-frame block that computes is resident (precision.fits); False: some compute on the
+    # CPU or stream on every frame (slow, but it runs). None: not assessed (a hand-made plan).
+    fits: bool | None = None
 
     # --- totals -----------------------------------------------------------------------------
     def _sum(self, pred) -> int:
@@ -142,7 +145,8 @@ class Plan:
             "kv_gpu_bytes": self.kv_gpu_bytes, "peak_vram_bytes": self.peak_vram_bytes,
             "extra_latency_s": self.extra_latency_s,
             "extra_latency_per_token_s": self.extra_latency_per_token_s,
-            "notes": list(self.notes), "max_batch": self.max_batch,
+            "notes": list(self.notes), "max_batch": self.max_batch, "fits": self.fits,
+            "quantized_blocks": len(self.quantized_blocks()),
             "blocks": [{"name": b.name, "submodel": b.submodel, "component": b.component, "index": b.index,
                         "placement": b.placement, "bytes": b.bytes, "autoregressive": b.autoregressive,
                         "kv_bytes": b.kv_bytes, "extra_s": b.extra_s,
@@ -177,6 +181,15 @@ class Plan:
                      f"batch bound: at most {self.max_batch} requests per batch fit the budget")
         lines.append(f"predicted extra latency (estimate): {self.extra_latency_s * 1e3:.1f} ms per request, "
                      f"{self.extra_latency_per_token_s * 1e3:.2f} ms per token")
+        quantized = self.quantized_blocks()
+        if quantized:
+            counts = {p: sum(1 for v in quantized.values() if v == p) for p in dict.fromkeys(quantized.values())}
+            worst = max(b.predicted_error for b in self.blocks)
+            lines.append("quantized: " + ", ".join(f"{n} blocks {p}" for p, n in counts.items())
+                         + f" (predicted error up to {worst:.3f} per layer); the rest {self.dtype}")
+        if self.fits is not None and not self.cpu_only:
+            lines.append("fits: every per-frame block is on the GPU" if self.fits else
+                         "does not fit: some per-frame blocks compute off the GPU on every frame")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 def plan(layout: ModelLayout, profile: Profile, budget: Budget, cost_model: CostModel | None = None,
          target: str | None = None) -> Plan:
     """Precisions and placement of every block of ``layout`` within ``budget`` (module docstring)."""
+    result = _choose(layout, profile, budget, cost_model, target)
+    return dataclasses.replace(result, fits=fits(result, layout))
+
+
+def _choose(layout, profile, budget, cost_model, target) -> Plan:
     cost = cost_model or CostModel()
     quant = profile.quantization
     blocks = quantizable_blocks(layout)
@@ -130,11 +135,8 @@ def _place(layout, profile, budget, cost, target, precisions) -> Plan:
     result = place(quantized_layout(layout, precisions), profile, budget, cost, target, precisions)
     if not precisions:
         return result
-    counts = {p: sum(1 for v in precisions.values() if v == p) for p in PRECISIONS}
     saved = sum(b.bytes for b in layout.blocks) - sum(b.bytes for b in result.blocks)
-    said = ", ".join(f"{n} {p} (predicted error {PREDICTED_LAYER_ERROR[p]:.3f} per layer)"
-                     for p, n in counts.items() if n)
-    return _note(result, f"quantized LM blocks: {said}; {gib(saved):.2f} GiB saved")
+    return _note(result, f"quantizing {len(precisions)} LM blocks saves {gib(saved):.2f} GiB of weights")
 
 
 def _candidates(blocks: list[Block], levels: list[str]) -> list[dict[str, str]]:
