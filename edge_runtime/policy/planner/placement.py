@@ -188,6 +188,10 @@ def _score(units, layout, budget, cost, target, opts, allow_cpu: bool) -> None:
             # per token: streaming pays the transfer every token, the CPU pays compute every token
             if sum(c.per_token_s for c in on_cpu) <= sum(c.per_token_s for c in costs):
                 alt, costs = "cpu", on_cpu
+        elif allow_cpu and not any(b.compute_params for b in u.blocks):
+            # a table only looked up (a prefill-only text embedding): the CPU reads one row per token,
+            # streaming would move the whole table in and hold a GPU buffer for it
+            alt, costs = "cpu", unit_cost(u, "cpu")
         u.alt = alt
         u.benefit = sum(c.per_request_s for c in costs)
 

@@ -122,7 +122,7 @@ def quantized_block_bytes(block: Block, precision: str) -> int:
     elem = block.compute_bytes
     saved = 0
     for out_features, in_features in block.linear_shapes:
-        chosen = precision if precision != "int4" or int4_quantizable(in_features) else "int8"
+        chosen = precision if precision != "int4" or int4_quantizable(in_features, out_features) else "int8"
         saved += out_features * in_features * elem - quantized_linear_bytes(out_features, in_features, chosen, elem)
     return block.bytes - saved
 
@@ -168,8 +168,8 @@ def _minimum_note(layout: ModelLayout, budget: Budget, profile: Profile, precisi
     """What a fit would need: every computing per-frame block resident at the most compressed allowed
     precision, its KV cache, activations, the reserve and the streaming buffers of the rest."""
     sized = quantized_layout(layout, precisions)
-    per_frame = sum(b.bytes for b in sized.blocks if b.autoregressive)
-    others = [b.bytes for b in sized.blocks if not b.autoregressive]
+    per_frame = sum(b.bytes for b in sized.blocks if b.autoregressive and b.compute_params)
+    others = [b.bytes for b in sized.blocks if not b.autoregressive and b.compute_params]  # tables sit on the CPU
     inflight = (1 + profile.offload.prefetch) * max(others, default=0)
     need = per_frame + budget.kv_cache_bytes + budget.activation_bytes + budget.reserve_bytes + inflight
     computing = _per_frame_computing(layout)
