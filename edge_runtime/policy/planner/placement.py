@@ -15,6 +15,8 @@ When two streamed copies do not fit, prefetch is lowered before anything fails.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import torch
 from typing import TYPE_CHECKING
 
 from edge_runtime.policy.planner.budget import Budget, batch_bound
@@ -265,7 +267,8 @@ def _build(layout, profile, budget, cost, placed, backend, target, prefetch, inf
             params=b.params, autoregressive=b.autoregressive, kv_bytes=kv,
             extra_s=c.per_request_s if c else 0.0, extra_per_token_s=c.per_token_s if c else 0.0,
             submodel=b.submodel, precision=precisions.get(b.name, ""),
-            predicted_error=PREDICTED_LAYER_ERROR.get(precisions.get(b.name, ""), 0.0)))
+            predicted_error=PREDICTED_LAYER_ERROR.get(precisions.get(b.name, ""), 0.0),
+            fp32=b.compute_bytes == 4 and layout.dtype != torch.float32))
     dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(layout.dtype), "fp32")
     result = Plan(model_name=layout.model_name, dtype=dtype, blocks=tuple(rows), backend=backend,
                   target=target, prefetch=prefetch, pin_memory=opts["pinned"],

@@ -44,6 +44,7 @@ class BlockPlacement:
     submodel: str = ""  # the checkpoint it comes from ("" the main one); see ModelLayout.with_submodel
     precision: str = ""  # "" = the plan's dtype; "int8" / "int4": its Linear weights quantized
     predicted_error: float = 0.0  # relative output error the precision is predicted to add (0 unquantized)
+    fp32: bool = False  # kept fp32 under a half-precision plan (a codec, a fragile stage)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class Plan:
                 return b.placement
         raise KeyError(name)
 
+    def precision_of(self, block: BlockPlacement) -> str:
+        """What a block's weights are stored in: int8 / int4, fp32 for kept-fp32 parts, else the plan's dtype."""
+        return block.precision or ("fp32" if block.fp32 else self.dtype)
+
     def quantized_blocks(self) -> dict[str, str]:
         """Block name -> "int8" / "int4" for the blocks whose Linear weights are stored quantized."""
         return {b.name: b.precision for b in self.blocks if b.precision}
@@ -150,7 +155,7 @@ class Plan:
             "blocks": [{"name": b.name, "submodel": b.submodel, "component": b.component, "index": b.index,
                         "placement": b.placement, "bytes": b.bytes, "autoregressive": b.autoregressive,
                         "kv_bytes": b.kv_bytes, "extra_s": b.extra_s,
-                        "extra_per_token_s": b.extra_per_token_s, "precision": b.precision or self.dtype,
+                        "extra_per_token_s": b.extra_per_token_s, "precision": self.precision_of(b),
                         "predicted_error": b.predicted_error} for b in self.blocks],
         }
 
@@ -164,7 +169,7 @@ class Plan:
             span = str(first.index) if first is last else f"{first.index}-{last.index}"
             lines.append(
                 f"{first.component:<20} {span:>9} {'yes' if first.autoregressive else 'no':<3} "
-                f"{first.placement:<12} {first.precision or self.dtype:<5} {gib(sum(r.bytes for r in rows)):7.3f} "
+                f"{first.placement:<12} {self.precision_of(first):<5} {gib(sum(r.bytes for r in rows)):7.3f} "
                 f"{gib(sum(r.kv_bytes for r in rows)):7.3f} {1e3 * sum(r.extra_s for r in rows):9.1f} "
                 f"{1e3 * sum(r.extra_per_token_s for r in rows):8.2f} "
                 f"{'-' if not first.precision else format(first.predicted_error, '.3f'):>6}")
@@ -252,7 +257,8 @@ def _runs(blocks: tuple[BlockPlacement, ...]) -> list[list[BlockPlacement]]:
     runs: list[list[BlockPlacement]] = []
     for b in blocks:
         last = runs[-1][-1] if runs else None
-        if last and (last.component, last.placement, last.precision) == (b.component, b.placement, b.precision):
+        if last and (last.component, last.placement, last.precision, last.fp32) == (
+                b.component, b.placement, b.precision, b.fp32):
             runs[-1].append(b)
         else:
             runs.append([b])
