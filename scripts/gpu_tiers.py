@@ -83,6 +83,7 @@ def profile(tier_gib: float, plan_backend: str, prefetch: int, target: str, toke
               precision=ns(dtype="auto", fp32_components=[]),
               offload=ns(backend=plan_backend, target=target, pin_memory=True, prefetch=prefetch,
                          keep_resident=[], offload_dir=None),
+              quantization=ns(allowed=(), max_layer_error=0.2, force=None),
               batching=ns(max_batch=1, max_wait_ms=0),
               limits=ns(max_text_chars=tokens, max_prompt_seconds=0, queue_size=1, request_timeout_s=600))
 

@@ -65,6 +65,7 @@ def profile(vram_bytes: int, target: str = "disk", prefetch: int = 1, backend: s
               precision=ns(dtype="fp32", fp32_components=[]),
               offload=ns(backend=backend, target=target, pin_memory=True, prefetch=prefetch,
                          keep_resident=list(keep_resident), offload_dir=None),
+              quantization=ns(allowed=(), max_layer_error=0.2, force=None),
               batching=ns(max_batch=1, max_wait_ms=0),
               limits=ns(max_text_chars=max_chars, max_prompt_seconds=0, queue_size=8, request_timeout_s=60))
 
@@ -80,7 +81,7 @@ def plan_for(shape: dict, resident_fraction: float, dtype=torch.float32, **profi
     budget = compute_budget(prof, layout)
     largest = layout.largest_block_bytes
     vram = int(layout.total_bytes * resident_fraction + budget.activation_bytes
-               + (2 + profile_kw.get("prefetch", 1)) * largest)
+               + (1 + profile_kw.get("prefetch", 1)) * largest + layout.component("head").bytes)
     prof = profile(vram, **profile_kw)
     return plan(layout, prof, compute_budget(prof, layout))
 

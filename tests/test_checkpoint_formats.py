@@ -262,3 +262,24 @@ def test_legacy_torch_format(tmp_path):
     path = tmp_path / "legacy.bin"
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
     assert "legacy" in _error(path)
+
+
+@pytest.mark.parametrize("backend,target", PLACEMENTS[:4], ids=[f"{b}-{t}" for b, t in PLACEMENTS[:4]])
+def test_ignored_keys_are_left_unread(backend, target, formats, baseline, tmp_path):
+    """A published checkpoint may hold a training-only tensor the model lacks (Higgs's text_lm_head):
+    without ignore_keys every backend refuses it by name; with them it loads as the plain one."""
+    from safetensors.torch import load_file, save_file
+
+    extra = tmp_path / "with_head.safetensors"
+    save_file({**load_file(str(formats["single"])), "text_lm_head.weight": torch.ones(3, 4)}, str(extra))
+    assert "text_lm_head.weight" not in open_checkpoint(extra, ignore=[r"^text_lm_head\."]).names()
+    plan = plan_for(SHAPE, 0.3, target=target)
+
+    def request(ignore):
+        return LoadRequest(build=lambda: TinyStack(**SHAPE), checkpoint=extra, plan=plan, device=CPU,
+                           dtype=torch.float32, offload_dir=tmp_path, ignore_keys=ignore)
+
+    with pytest.raises(BackendError, match="text_lm_head.weight"):
+        load_model(request(()), backend).close()
+    first, _ = _outputs(load_model(request(("text_lm_head.weight",)), backend))
+    assert torch.equal(first, baseline[torch.float32])

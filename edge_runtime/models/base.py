@@ -69,6 +69,7 @@ class SubModel:
     fp32_modules: tuple[str, ...] = ()  # module prefixes kept fp32 under half precision
     no_split_modules: tuple[str, ...] = ()  # module classes a device map must not cut
     dtype: Any = None  # torch dtype of its floating weights; None: the placer's (codecs say fp32)
+    ignore_keys: tuple[str, ...] = ()  # regexes of checkpoint tensors not in the skeleton (a training-only head)
 
 
 class Placer(ABC):

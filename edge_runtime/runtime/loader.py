@@ -118,7 +118,8 @@ class BackendPlacer(Placer):
         backend = self.backend if share.offloaded and not share.cpu_only else "resident"
         request = LoadRequest(build=part.build, checkpoint=Path(part.checkpoint), plan=share, device=self.device,
                               dtype=part.dtype or self.dtype, fp32_modules=part.fp32_modules,
-                              offload_dir=self.offload_dir, no_split_modules=part.no_split_modules)
+                              offload_dir=self.offload_dir, no_split_modules=part.no_split_modules,
+                              ignore_keys=part.ignore_keys)
         loaded = load_model(request, backend)
         self.handles[part.name] = loaded
         model = loaded.model.eval()

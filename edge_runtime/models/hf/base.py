@@ -133,7 +133,10 @@ class HFSpeechModel(SpeechModel):
         model_class = cls.transformers_class()
         return SubModel(name="", build=lambda: model_class._from_config(config), checkpoint=source.path,
                         fp32_modules=cls.fp32_modules(fp32_components),
-                        no_split_modules=tuple(getattr(model_class, "_no_split_modules", None) or ()))
+                        no_split_modules=tuple(getattr(model_class, "_no_split_modules", None) or ()),
+                        # what transformers' from_pretrained skips in published checkpoints (Higgs's
+                        # training-only text head), our backends skip too
+                        ignore_keys=tuple(getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or ()))
 
     @classmethod
     def load_processor(cls, folder: Path, codec: Any = None):

@@ -13,6 +13,8 @@ Backends (one placement mechanism each):
   deepspeed    ZeRO-3 parameter offload (cpu or nvme), or init_inference when all is resident
 ``request.checkpoint`` may be any format ``open_checkpoint`` reads (a .safetensors file, a sharded
 checkpoint's index, a folder, a PyTorch state dict); every backend opens it through that.
+A plan's quantized blocks (``Plan.quantized_blocks()``) load through every backend but deepspeed:
+``load_model`` lays their int8/int4 weights over the checkpoint (see quantized.py).
 ``auto`` follows the plan: resident when nothing is offloaded, deepspeed for an nvme target,
 else the streamer (the plan's "accelerate" means accelerate-style placement: device maps and
 hooks; the streamer is that plus prefetch). DeepSpeed is imported only when asked for.
@@ -48,8 +50,21 @@ def get_backend(name: str) -> Backend:
 
 
 def load_model(request: LoadRequest, backend: str = "auto") -> LoadedModel:
-    """Load ``request`` with ``backend`` (``auto``: the policy's choice for its plan)."""
+    """Load ``request`` with ``backend`` (``auto``: the policy's choice for its plan). A plan with
+    quantized blocks is first rewritten by quantized.quantize_request (quantized Linears in the
+    skeleton, the checkpoint overlaid with cached quantized weights), so every backend loads it
+    unchanged."""
     name = choose_backend(request.plan) if backend == "auto" else backend
+    quantized = request.plan.quantized_blocks()
+    if quantized:
+        if name == "deepspeed":
+            raise BackendError(
+                f"the plan stores {len(quantized)} block(s) int8/int4 (e.g. {next(iter(quantized))}), which "
+                "DeepSpeed ZeRO-3 cannot partition: use offload.backend streamer or accelerate (target cpu "
+                "or disk), or plan without quantization (quantization.allowed=[] and quantization.force=null)")
+        from edge_runtime.runtime.backends.quantized import quantize_request
+
+        request = quantize_request(request)
     return get_backend(name).load(request)
 
 

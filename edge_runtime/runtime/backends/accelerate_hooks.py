@@ -28,7 +28,7 @@ class AccelerateBackend(Backend):
     name = "accelerate"
 
     def load(self, request: LoadRequest) -> LoadedModel:
-        ckpt = open_checkpoint(request.checkpoint)
+        ckpt = open_checkpoint(request.checkpoint, request.ignore_keys)
         plan = request.plan
         model = build_skeleton(request)
         mode = request.options.get("device_map", "plan")

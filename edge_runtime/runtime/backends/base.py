@@ -60,6 +60,7 @@ class LoadRequest:
     fp32_modules: tuple[str, ...] = ()  # module prefixes kept in fp32 (fragile stages, codecs)
     offload_dir: Path | None = None  # scratch for disk/NVMe offload files
     no_split_modules: tuple[str, ...] = ()  # module classes a device map must not split
+    ignore_keys: tuple[str, ...] = ()  # regexes of checkpoint tensors the model lacks on purpose (left unread)
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
 
     def dtype_for(self, tensor_name: str, tensor: torch.Tensor) -> torch.dtype:

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from edge_runtime.runtime.backends.base import BackendError
@@ -35,10 +37,20 @@ ALLOWED = ("a .safetensors file, a sharded checkpoint's *.safetensors.index.json
            f"{' or '.join(FOLDER_FILES[:2])}, or a PyTorch state dict ({', '.join(TORCH_SUFFIXES)})")
 
 
-def open_checkpoint(path: str | Path) -> CheckpointSource:
+def open_checkpoint(path: str | Path, ignore: Iterable[str] = ()) -> CheckpointSource:
     """The reader for ``path`` (see the module docstring); BackendError naming the file when it
-    is missing, malformed, or of a format not listed there."""
-    path = Path(path)
+    is missing, malformed, or of a format not listed there. Tensors whose names match a regular
+    expression in ``ignore`` are left out (a published checkpoint's training-only head, as
+    transformers' ``_keys_to_ignore_on_load_unexpected`` lists them)."""
+    ckpt = _open_path(Path(path))
+    patterns = [re.compile(p) for p in ignore]
+    if patterns:
+        for name in [n for n in ckpt.entries if any(p.search(n) for p in patterns)]:
+            del ckpt.entries[name]
+    return ckpt
+
+
+def _open_path(path: Path) -> CheckpointSource:
     if path.is_dir():
         for name in FOLDER_FILES:
             if (path / name).is_file():

@@ -1,7 +1,11 @@
 """A sharded checkpoint in Hugging Face's layout: ``<name>.index.json`` holding
 {"metadata": {...}, "weight_map": {tensor name: shard file beside the index}}, each shard a
 checkpoint file of its own (.safetensors, or a PyTorch state dict for ``pytorch_model.bin``
-indexes). Each tensor is read and mapped from its own shard."""
+indexes). Each tensor is read and mapped from its own shard.
+
+An *overlay* index (``"metadata": {"overlay": true}``, written by runtime/backends/quantized.py)
+lays cached tensors over another checkpoint's files: it may name shards by absolute path, and a
+shard may hold tensors the index leaves out (the ones the overlay replaces)."""
 
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ _FORMAT = 'Hugging Face format: {"metadata": {...}, "weight_map": {"tensor name"
 class ShardedCheckpoint(CheckpointSource):
     def __init__(self, index: str | Path, open_shard: Callable[[Path], CheckpointSource]) -> None:
         self.path = Path(index)
-        weight_map = _weight_map(self.path)
+        weight_map, overlay = _weight_map(self.path)
         by_shard: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             by_shard.setdefault(shard, []).append(name)
         self._shards: dict[str, CheckpointSource] = {}
         for shard in by_shard:
-            file = self.path.parent / shard
+            file = self.path.parent / shard  # an overlay's absolute path stays as it is
             if not file.is_file():
                 raise BackendError(f"checkpoint index {self.path} names shard {file}, which does not "
                                    "exist: copy the whole checkpoint folder (index and every shard)")
@@ -39,7 +43,7 @@ class ShardedCheckpoint(CheckpointSource):
             if lacking:
                 raise BackendError(f"checkpoint index {self.path} places {lacking[:5]} in shard "
                                    f"{self.path.parent / shard}, which lacks them")
-            stray = [n for n in held if weight_map.get(n) != shard]
+            stray = [] if overlay else [n for n in held if weight_map.get(n) != shard]
             if stray:
                 elsewhere = {n: weight_map[n] for n in stray[:5] if n in weight_map}
                 places = sorted({str(self.path.parent / s) for s in elsewhere.values()})
@@ -85,7 +89,8 @@ class _Object(dict):
             seen.add(key)
 
 
-def _weight_map(index: Path) -> dict[str, str]:
+def _weight_map(index: Path) -> tuple[dict[str, str], bool]:
+    """The index's weight_map, and whether it is an overlay (module docstring)."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_Object)
     except FileNotFoundError:
@@ -100,8 +105,11 @@ def _weight_map(index: Path) -> dict[str, str]:
     if weight_map.repeated:
         raise BackendError(f"checkpoint index {index} names tensor(s) {weight_map.repeated[:5]} more "
                            "than once in its weight_map; each tensor must map to exactly one shard")
-    bad = [k for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v]
+    metadata = data.get("metadata")
+    overlay = isinstance(metadata, dict) and metadata.get("overlay") is True
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str)
+           or not (Path(v).name == v or (overlay and Path(v).is_absolute()))]
     if bad:
         raise BackendError(f"checkpoint index {index}: weight_map entries {bad[:5]} do not name a shard "
                            f"file beside the index; expected {_FORMAT}")
-    return dict(weight_map)
+    return dict(weight_map), overlay

@@ -177,7 +177,7 @@ def _check_async_io() -> None:
 # --- model ------------------------------------------------------------------------------------
 def _build(request: LoadRequest) -> nn.Module:
     """The model on the CPU with the checkpoint's weights, parameters in their target dtypes."""
-    ckpt = open_checkpoint(request.checkpoint)  # format and path errors before building
+    ckpt = open_checkpoint(request.checkpoint, request.ignore_keys)  # format and path errors before building
     model = request.build()
     for name, param in model.named_parameters():  # cast first: load_state_dict copies into it
         param.data = param.data.to(request.dtype_for(name, param))

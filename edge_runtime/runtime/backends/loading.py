@@ -38,6 +38,8 @@ def load_tensors(model: nn.Module, ckpt: CheckpointSource, names: Iterable[str],
     """Copy ``names`` from the checkpoint into the model on ``device``; returns bytes loaded."""
     total = 0
     for name in names:
+        if _lookup(model, name) is None:
+            raise _unknown(ckpt, [name])
         tensor = ckpt.read(name)
         dtype = request.dtype_for(name, tensor)
         set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
@@ -57,8 +59,12 @@ def check_complete(model: nn.Module, ckpt: CheckpointSource, skip: Iterable[str]
                            f"e.g. {missing[:5]}: was it saved from this model (state_dict names)?")
     unknown = [n for n in ckpt.names() if _lookup(model, n) is None]
     if unknown:
-        raise BackendError(f"{ckpt.describe()} has {len(unknown)} tensor(s) the model lacks, "
-                           f"e.g. {unknown[:5]}: wrong checkpoint for this model?")
+        raise _unknown(ckpt, unknown)
+
+
+def _unknown(ckpt: CheckpointSource, names: list[str]) -> BackendError:
+    return BackendError(f"{ckpt.describe()} has {len(names)} tensor(s) the model lacks, "
+                        f"e.g. {names[:5]}: wrong checkpoint for this model?")
 
 
 def _lookup(model: nn.Module, name: str):
@@ -75,5 +81,9 @@ def _lookup(model: nn.Module, name: str):
 def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str, bool]:
     """(owning module, attribute, is_parameter) of a tensor name."""
     module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise BackendError(f"the checkpoint has a tensor {name!r} the model lacks: wrong checkpoint "
+                           "for this model?") from None
     return module, attr, attr in module._parameters

@@ -11,7 +11,7 @@ class ResidentBackend(Backend):
     name = "resident"
 
     def load(self, request: LoadRequest) -> LoadedModel:
-        ckpt = open_checkpoint(request.checkpoint)
+        ckpt = open_checkpoint(request.checkpoint, request.ignore_keys)
         model = build_skeleton(request)
         nbytes = load_tensors(model, ckpt, ckpt.names(), request.device, request)
         check_complete(model, ckpt)

@@ -206,7 +206,7 @@ class StreamerBackend(Backend):
 
     def load(self, request: LoadRequest) -> LoadedModel:
         plan = request.plan
-        ckpt = open_checkpoint(request.checkpoint)
+        ckpt = open_checkpoint(request.checkpoint, request.ignore_keys)
         model = build_skeleton(request)
         modules = dict(model.named_modules())
         # a block that is a bare tensor (a root buffer, a parameter beside sub-blocks) has no
