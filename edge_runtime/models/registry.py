@@ -20,7 +20,8 @@ from edge_runtime.models.base import ModelSource, SpeechModel
 
 DEFAULT_MODEL = "piper:en_US-joe-medium"
 BUILTIN = ("edge_runtime.models.piper.adapter", "edge_runtime.models.hf.csm", "edge_runtime.models.hf.dia",
-           "edge_runtime.models.hf.pocket_tts", "edge_runtime.models.cosyvoice.family")
+           "edge_runtime.models.hf.pocket_tts", "edge_runtime.models.cosyvoice.family",
+           "edge_runtime.models.higgs_audio_v2", "edge_runtime.models.vibevoice.family")
 ENTRY_POINT_GROUP = "edge_runtime.families"
 PLUGIN_ENV = "EDGE_RUNTIME_FAMILIES"
 
