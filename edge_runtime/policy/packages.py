@@ -42,6 +42,7 @@ PACKAGES = (
     Package("prometheus-client", "/metrics", "server"),
     Package("python-multipart", "voice-prompt uploads", "server"),
     Package("nvidia-ml-py", "GPU driver version, free VRAM without a CUDA context", "nvml"),
+    Package("diffusers", "VibeVoice's noise scheduler (DPM-Solver++)", "vibevoice"),
     Package("onnxruntime", "reference runs of Piper voices (tests)", "dev"),
     Package("piper-tts", "peer comparison (benchmarks)", "dev"),
 )
