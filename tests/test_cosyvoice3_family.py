@@ -190,7 +190,7 @@ def test_server_voice_upload_speech_stream_and_instructions(tiny, prompt):
 
 # -- every backend gives the resident audio ---------------------------------------------------------------
 # A tier too small for the whole tiny model (its activations alone take 5.6 MB): blocks stream.
-TINY_TIER = ("memory.vram_gib=0.009", "memory.reserve_gib=0", "offload.keep_resident=[]",
+TINY_TIER = ("memory.vram_gib=0.008", "memory.reserve_gib=0", "offload.keep_resident=[]",
              "batching.max_batch=1", "precision.dtype=fp32", "precision.cpu_decoder_dtype=bf16",
              "runtime.threads=1")
 

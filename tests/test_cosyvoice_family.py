@@ -197,9 +197,10 @@ def test_server_voice_upload_speech_stream_and_instructions(tiny, prompt):
 
 
 # -- every backend gives the resident audio --------------------------------------------------------
-# A tier too small for anything: the LM's layers compute on the CPU, the flow streams its blocks.
+# A tier too small for anything: the LM's layers compute on the CPU, the flow streams its blocks (the
+# text embedding, only looked up, stays on the CPU).
 # Its LM reads bf16 weights on the CPU, as the cpu profile's does (precision.cpu_decoder_dtype).
-TINY_TIER = ("memory.vram_gib=0.005", "memory.reserve_gib=0", "offload.keep_resident=[]",
+TINY_TIER = ("memory.vram_gib=0.004", "memory.reserve_gib=0", "offload.keep_resident=[]",
              "batching.max_batch=1", "precision.dtype=fp32", "precision.cpu_decoder_dtype=bf16",
              "runtime.threads=1")
 
@@ -218,4 +219,6 @@ def resident_audio(tiny, prompt):
 # (accelerate on a cpu target places nothing differently from disk here: the toy family covers it)
 @pytest.mark.parametrize("backend,target", [("accelerate", "disk"), ("streamer", "disk"), ("deepspeed", "cpu")])
 def test_every_backend_gives_the_resident_audio(tiny, resident_audio, backend, target):
-    check_backend_equals_resident(tiny, resident_audio, TEXT, 4, TINY_TIER, backend, target)
+    # ZeRO-3 cannot compute on the CPU: its AR layers stream and keep their KV cache on the device
+    tier = (*TINY_TIER, "memory.vram_gib=0.005") if backend == "deepspeed" else TINY_TIER
+    check_backend_equals_resident(tiny, resident_audio, TEXT, 4, tier, backend, target)
