@@ -126,7 +126,14 @@ class SpeechModel(ABC):
     def require_weights(cls, folder: Path) -> None:
         """Raise ModelNotFoundError, naming what is missing, unless ``folder`` can be loaded."""
         from edge_runtime.errors import ModelNotFoundError
+        from edge_runtime.models.source import missing_shards
 
+        if not (folder / "model.safetensors").is_file():
+            missing = missing_shards(folder)  # published checkpoints come in 2-10 shards
+            if missing:
+                raise ModelNotFoundError(
+                    f"model folder {folder} lacks {len(missing)} shard(s) model.safetensors.index.json "
+                    f"names: {', '.join(missing)}; download them again")
         if not cls.weights_present(folder):
             raise ModelNotFoundError(
                 f"model folder {folder} lacks model.safetensors (or model.safetensors.index.json with its "

@@ -30,18 +30,30 @@ def offline() -> bool:
 
 def has_weights(folder: Path) -> bool:
     """A single safetensors file, a sharded index whose shards are all present, or a state dict."""
-    import json
-
     if (folder / "model.safetensors").is_file():
         return True
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
+            return not missing_shards(folder)
+        except ModelNotFoundError:
             return False
-        return all((folder / shard).is_file() for shard in shards)
     return any(p.suffix in STATE_DICT_SUFFIXES for p in folder.iterdir() if p.is_file())
+
+
+def missing_shards(folder: Path) -> list[str]:
+    """The shards ``model.safetensors.index.json`` names that ``folder`` lacks (an interrupted
+    download); [] without an index. ModelNotFoundError when the index cannot be read."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ModelNotFoundError(f"cannot read the checkpoint index {index}: {exc}") from None
+    return [s for s in shards if not (folder / s).is_file()]
 
 
 def locate(spec: str, allow_download: bool = False, weights: bool = True) -> tuple[Path, bool]:

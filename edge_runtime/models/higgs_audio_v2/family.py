@@ -87,20 +87,8 @@ class HiggsAudioV2SpeechModel(HFSpeechModel):
     @classmethod
     def require_weights(cls, folder: Path) -> None:
         """The LM's shards (each missing one named) and the audio tokenizer's weights must be there."""
-        import json
-
         from edge_runtime.models.source import has_weights
 
-        index = folder / "model.safetensors.index.json"
-        if not (folder / "model.safetensors").is_file() and index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
-                raise ModelNotFoundError(f"cannot read the checkpoint index {index}: {exc}") from None
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise ModelNotFoundError(f"model folder {folder} lacks {len(missing)} of the {len(shards)} shards "
-                                         f"{index.name} names: {', '.join(missing)}; download them again")
         super().require_weights(folder)
         tokenizer = codec_folder(ModelSource(cls, str(folder), folder), codec.SUBFOLDER,
                                  "audio tokenizer (HiggsAudioV2TokenizerModel)")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 
 from edge_runtime.models.piper.config import PiperVoiceConfig, VitsHyperParams
 from edge_runtime.models.piper.errors import VoiceLoadError
 from edge_runtime.models.piper.vits import PiperVits, skip_weight_init
+from edge_runtime.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +32,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else user_cache_dir()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def file_sha256(path: Path, folder: Path) -> str:
@@ -64,7 +53,7 @@ def file_sha256(path: Path, folder: Path) -> str:
             digest.update(block)
     index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     try:
-        _atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
     except OSError as exc:  # a read-only cache still works, it just rehashes next time
         log.debug("could not update %s: %s", index_path, exc)
     return index[key]["sha256"]
@@ -126,7 +115,7 @@ def _save(model: PiperVits, hp: VitsHyperParams, path: Path, source: Path) -> No
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "hparams": hp.to_json(), "source": source.name}
     try:
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     except OSError as exc:
         log.warning("could not cache converted weights at %s (%s); the next load converts again", path, exc)
 

@@ -102,24 +102,6 @@ class VibeVoiceSpeechModel(HFSpeechModel):
         return tuple(dict.fromkeys((*cls.always_fp32, *mapped)))
 
     @classmethod
-    def require_weights(cls, folder: Path) -> None:
-        """Every shard the index names must be there (each missing one named: published VibeVoice
-        checkpoints come in 2 to 10 shards, and an interrupted download leaves some out)."""
-        import json
-
-        index = folder / "model.safetensors.index.json"
-        if not (folder / "model.safetensors").is_file() and index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
-                raise ModelNotFoundError(f"cannot read the checkpoint index {index}: {exc}") from None
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise ModelNotFoundError(f"model folder {folder} lacks {len(missing)} of the {len(shards)} shards "
-                                         f"{index.name} names: {', '.join(missing)}; download them again")
-        super().require_weights(folder)
-
-    @classmethod
     def layout(cls, source: ModelSource, dtype: torch.dtype, fp32_components: tuple[str, ...] = ()):
         config = read_config(source.path)
         steps = read_settings(source.path).steps

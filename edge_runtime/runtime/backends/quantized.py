@@ -29,14 +29,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edge_runtime.paths import cache_dir
+from edge_runtime.paths import atomic_write, cache_dir
 from edge_runtime.policy.quantization import INT4_GROUP_SIZE, PRECISIONS
 from edge_runtime.runtime.backends.base import BackendError, LoadRequest
 from edge_runtime.runtime.backends.checkpoint import CheckpointSource, open_checkpoint
@@ -179,12 +178,12 @@ def _write(ckpt: CheckpointSource, request: LoadRequest, spec: _Spec, folder: Pa
         base = wname[: -len(".weight")]
         layout[f"{base}.qweight"] = (module.qweight.dtype, tuple(module.qweight.shape))
         layout[f"{base}.scales"] = (module.scales.dtype, tuple(module.scales.shape))
-    _atomic(folder / TENSORS, lambda tmp: write_safetensors(tmp, layout, produce(), {"format": FORMAT}))
+    atomic_write(folder / TENSORS, lambda tmp: write_safetensors(tmp, layout, produce(), {"format": FORMAT}))
 
     weight_map = {n: str(e.file.resolve()) for n, e in ckpt.entries.items() if n not in weights}
     weight_map.update((n, TENSORS) for n in layout)
     body = {"metadata": {"overlay": True, "source": str(ckpt.path), **spec.key()}, "weight_map": weight_map}
-    _atomic(folder / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1), encoding="utf-8"))
+    atomic_write(folder / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=1), encoding="utf-8"))
 
 
 def _block_of(linear: str, blocks) -> str:
@@ -224,15 +223,3 @@ def write_safetensors(path: str | Path, layout: dict[str, tuple[torch.dtype, tup
             raise AssertionError("fewer tensors than the header lists")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from edge_runtime.prepared_voice import PreparedVoice
 from edge_runtime.runtime.voices.keys import check_voice_id, is_voice_id
+from edge_runtime.paths import atomic_write
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`: readers
-    see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 class VoiceLibrary:
@@ -58,8 +45,8 @@ class VoiceLibrary:
                     "transcript": voice.transcript, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "tensors": sorted(tensors), "numpy": numpy_names, "extra": voice.extra}
         text = json.dumps(metadata, indent=2, sort_keys=True)  # fails before any write if extra isn't JSON
-        _atomic_write(weights, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(meta, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(weights, lambda tmp: save_file(tensors, tmp))
+        atomic_write(meta, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def load(self, voice_id: str, device: str | torch.device = "cpu") -> PreparedVoice:
         weights, meta = self._paths(voice_id)
