@@ -1,11 +1,13 @@
 """Shared by the transformers-model tests: a voice prompt that is real speech where the system has
-it (Debian's alsa-utils samples), else a voiced harmonic signal with a syllable-like envelope."""
+it (Debian's alsa-utils samples), else a voiced harmonic signal with a syllable-like envelope; and a
+fixture (import it into a test module) sending quantized checkpoints to a temporary cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 REAL_SPEECH = Path("/usr/share/sounds/alsa/Front_Center.wav")
@@ -23,3 +25,12 @@ def speech_prompt(folder: Path, rate: int = 48000, seconds: float = 1.5) -> Path
     path = Path(folder) / "harmonic.wav"
     sf.write(path, (0.3 * voiced * envelope / np.abs(voiced).max()).astype(np.float32), rate)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quantized_cache(tmp_path_factory):
+    """Quantized checkpoints (runtime/backends/quantized.py) go to a temporary cache, not the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDGE_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("edge_cache")))
+    yield
+    patch.undo()

@@ -21,7 +21,7 @@ from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.models.base import SynthesisSettings
 from edge_runtime.runtime.voices import VoiceLibrary
 from edge_runtime.serving.cli import main
-from hf_support import speech_prompt
+from hf_support import quantized_cache, speech_prompt  # noqa: F401 (an autouse fixture)
 from hf_tiny_higgs import SAMPLE_RATE, build_tiny_higgs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -38,15 +38,6 @@ ONE_THREAD = ("runtime.threads=1",)
 TIER = ("memory.reserve_gib=0", "batching.max_batch=1", "offload.keep_resident=[]", "precision.dtype=fp32",
         "offload.target=disk", "limits.max_text_chars=60", "limits.max_prompt_seconds=3", *ONE_THREAD)
 TINY_TIER = ("memory.vram_gib=0.0112", "quantization.allowed=[]", *TIER)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quantized_cache(tmp_path_factory):
-    """Quantized checkpoints (runtime/backends/quantized.py) go to a temporary cache, not the user's."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("EDGE_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("edge_cache")))
-    yield
-    patch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import edge_runtime
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
 from edge_runtime.runtime.voices import VoiceLibrary
 from edge_runtime.serving.cli import main
-from hf_support import speech_prompt
+from hf_support import quantized_cache, speech_prompt  # noqa: F401 (an autouse fixture)
 from hf_tiny_vibevoice import AUDIO, AUDIO_BOS, AUDIO_EOS, EOS, HOP, SAMPLE_RATE, build_tiny_vibevoice
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -42,15 +42,6 @@ TIER = ("memory.reserve_gib=0", "batching.max_batch=1", "offload.keep_resident=[
 TIER_VRAM = "memory.vram_gib=0.014"
 # diffusers 0.42's DPM-Solver builds its sigmas with np.array(tensor, copy=False) on every set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quantized_cache(tmp_path_factory):
-    """Quantized checkpoints (runtime/backends/quantized.py) go to a temporary cache, not the user's."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("EDGE_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("edge_cache")))
-    yield
-    patch.undo()
 
 
 @pytest.fixture(scope="module")
