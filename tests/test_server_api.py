@@ -107,6 +107,8 @@ BAD_REQUESTS = [
     ({"speed": "fast"}, 400, "speed"),
     ({"stream_format": "sse"}, 400, "stream_format"),
     ({"input": None}, 400, "input"),
+    ({"seed": -1}, 400, "seed"),
+    ({"seed": "lucky"}, 400, "seed"),
 ]
 
 

@@ -29,6 +29,8 @@ class SpeechRequest(BaseModel):
     stream_format: Optional[str] = Field(None, description="'audio': send audio while it is produced")
     instructions: Optional[str] = Field(None, description="how to speak (models that follow instructions, e.g. "
                                                           "CosyVoice2); other models ignore it")
+    # not OpenAI's (its clients send it with extra_body): the same seed gives the same audio
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="fixes the sampling noise: same seed, same audio")
 
     @field_validator("response_format")
     @classmethod

@@ -87,6 +87,8 @@ class SpeechService:
             settings["speaker"] = speaker
         if req.instructions is not None:
             settings["instructions"] = req.instructions
+        if req.seed is not None:
+            settings["seed"] = req.seed
         return voice_id, settings
 
     async def speak(self, req: SpeechRequest, request: Request) -> Response:
