@@ -85,8 +85,8 @@ def _choose(layout, profile, budget, cost_model, target) -> Plan:
         return best
     try:
         fallback = _place(layout, profile, budget, cost, target, candidates[-1])
-    except PlanError:
-        raise first_error from None
+    except PlanError as exc:
+        raise (first_error or exc) from None
     return _note(fallback, _minimum_note(layout, budget, profile, candidates[-1], fallback))
 
 
