@@ -33,7 +33,12 @@ class TextFrontend:
         self.max_sentence_chars = max_sentence_chars
 
     def sentences(self, text: str) -> list[str]:
-        return split_sentences(normalize_text(text), self.max_sentence_chars)
+        """Normalised sentences, cut where a reader would end one and where espeak-ng does
+        (as piper-tts does, which synthesises each espeak sentence on its own)."""
+        out: list[str] = []
+        for sentence in split_sentences(normalize_text(text), self.max_sentence_chars):
+            out.extend(self.phonemizer.split_sentences(sentence))
+        return out
 
     def utterance(self, sentence: str) -> Utterance:
         phonemes = self.phonemizer.phonemize(sentence)

@@ -3,7 +3,8 @@
 espeak-ng already reads plain numbers, decimals, ordinals and percentages well, so this only
 fixes what it gets wrong or what would break sentence splitting: currency order ("$5" -> "five
 dollars"), abbreviations with a period ("Dr." would end a sentence), decades, units glued to
-numbers, digit groups in phone numbers, typographic punctuation, and symbols no voice can speak.
+numbers, digit groups in phone numbers, typographic punctuation, and symbols no voice can speak (the
+symbols espeak-ng reads, like the degree sign, are kept: "5°C" -> "5 degrees Celsius", "90°").
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _ABBREVIATIONS = {
     "capt": "captain", "lt": "lieutenant", "col": "colonel", "sgt": "sergeant", "inc": "incorporated",
     "ltd": "limited", "co": "company", "corp": "corporation", "ave": "avenue", "rd": "road",
 }
-_ABBREV_RE = re.compile(r"\b(" + "|".join(_ABBREVIATIONS) + r")\.(?=(\s+(?-i:[A-Z])|\s*$)?)", re.I)
+# Not after a number: "20 ms." is milliseconds (the unit rule below), not "miz".
+_ABBREV_RE = re.compile(r"(?<!\d)(?<!\d )\b(" + "|".join(_ABBREVIATIONS) + r")\.(?=(\s+(?-i:[A-Z])|\s*$)?)",
+                        re.I)
 # Titles precede a name ("Dr. Smith"); the others may end a sentence ("... and Co. Then"),
 # where the period must survive as the sentence end.
 _TITLES = {"mr", "mrs", "ms", "dr", "prof", "mt", "ft", "gen", "gov", "capt", "lt", "col", "sgt"}
@@ -48,9 +51,12 @@ _UNIT_RE = re.compile(r"(\d)\s?(" + "|".join(re.escape(u) for u in sorted(_UNITS
 _PHONE_RE = re.compile(r"\b(\d{3})-(\d{3,4})(?:-(\d{4}))?\b")
 
 _PUNCT_MAP = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
-                            "\u2014": ", ", "\u2026": ", ", "\u00a0": " ", "\t": " "})
+                            "\u2014": ", ", "\u2026": ", ", "\u00a0": " ", "\t": " ",
+                            "\u2103": "\u00b0C", "\u2109": "\u00b0F"})  # ℃ ℉ -> °C °F
 # Categories no voice speaks: symbols like emoji, control/format/private-use characters.
 _UNSPEAKABLE_CATEGORIES = {"So", "Cc", "Cf", "Co", "Cs", "Cn"}
+# ... except the symbols (category So) espeak-ng reads as words: "90°" is "ninety degrees".
+_SPEAKABLE_SYMBOLS = frozenset("\u00b0\u00a9\u00ae\u2122")  # ° © ® ™
 
 
 def _money(match: re.Match) -> str:
@@ -91,7 +97,8 @@ def drop_unspeakable(text: str) -> str:
     """Remove characters no voice can speak, warning once with what was dropped."""
     kept, dropped = [], []
     for ch in text:
-        if unicodedata.category(ch) in _UNSPEAKABLE_CATEGORIES and ch not in "\n":
+        if (unicodedata.category(ch) in _UNSPEAKABLE_CATEGORIES and ch not in "\n"
+                and ch not in _SPEAKABLE_SYMBOLS):
             dropped.append(ch)
             kept.append(" ")
         else:
