@@ -100,12 +100,12 @@ BAD_REQUESTS = [
     ({"voice": {"id": "not-a-voice"}}, 400, "voice"),
     ({"voice": {"id": 5}}, 400, "voice"),
     ({"model": "whisper-1"}, 404, "model"),
-    ({"response_format": "aac"}, 400, "response_format"),
+    ({"response_format": "ogg"}, 400, "response_format"),  # aac is served now
     ({"response_format": "xyz"}, 400, "response_format"),
     ({"speed": 0.1}, 400, "speed"),
     ({"speed": 4.5}, 400, "speed"),
     ({"speed": "fast"}, 400, "speed"),
-    ({"stream_format": "sse"}, 400, "stream_format"),
+    ({"stream_format": "websocket"}, 400, "stream_format"),  # sse is served now
     ({"input": None}, 400, "input"),
     ({"seed": -1}, 400, "seed"),
     ({"seed": "lucky"}, 400, "seed"),

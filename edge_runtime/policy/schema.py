@@ -139,6 +139,11 @@ class RuntimeSection(Section):
     # torch/OpenMP crash (SIGSEGV) on the first parallel op with ~100000 threads; 1024 runs (slowly).
     threads: int = key("an integer from 0 to 1024 (0 = every physical core)", ge=0, le=1024)
     reuse_heap: bool = key("true or false", default=False)
+    # Idle unload (runtime/idle.py, held by the engine): after this many seconds with no request the
+    # model's weights leave the GPU / RAM and are reloaded by the next request, as Ollama's keep_alive.
+    keep_alive_s: Optional[float] = key(
+        "a number of seconds >= 0 (idle time before the model is unloaded), or 0 / null to never unload",
+        default=None, ge=0)
 
 
 class Profile(Section):

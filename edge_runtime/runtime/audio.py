@@ -1,4 +1,5 @@
-"""Audio encoding to files and byte streams (soundfile/libsndfile does the codecs)."""
+"""Audio encoding to files and byte streams (soundfile/libsndfile does the codecs; aac, and mp3/opus
+encoded while streaming, go through PyAV: see audio_stream.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ FORMATS = {
     "ogg": ("OGG", "VORBIS"),
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
+    "aac": ("ADTS", "AAC"),  # not libsndfile's: PyAV encodes it (audio_stream.py)
 }
 
 
 # what an HTTP response says it carries (pcm: raw 16-bit little-endian mono, no header)
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-               "opus": "audio/ogg; codecs=opus", "pcm": "audio/pcm"}
+               "opus": "audio/ogg; codecs=opus", "aac": "audio/aac", "pcm": "audio/pcm"}
 # Opus only encodes these rates; other rates are resampled up to the next one
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
@@ -49,13 +51,23 @@ def to_pcm16(audio: np.ndarray) -> bytes:
     return (clipped * 32767.0).astype("<i2").tobytes()
 
 
-def wav_stream_header(sample_rate: int, channels: int = 1) -> bytes:
-    """A 16-bit PCM WAV header for a stream of unknown length: the RIFF and data sizes say
-    0xFFFFFFFF ("until the end"), the usual convention for streamed WAV; libsndfile reads it to the
-    end of the data."""
+OPEN_LENGTH = 0xFFFFFFFF
+WAV_HEADER_BYTES = 44
+
+
+def wav_stream_header(sample_rate: int, channels: int = 1, samples: int | None = None) -> bytes:
+    """A 16-bit PCM WAV header for a stream. `samples` (per channel) known in advance: the true RIFF
+    and data sizes, so strict readers (Python's `wave`) get the right duration. Unknown (None): both
+    sizes say 0xFFFFFFFF ("until the end"), the convention OpenAI uses; browsers, ffmpeg and
+    libsndfile read such a file to the end of the data."""
     block = channels * 2
     fmt_chunk = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, sample_rate, sample_rate * block, block, 16)
-    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + fmt_chunk + b"data" + struct.pack("<I", 0xFFFFFFFF)
+    if samples is None or samples * block > OPEN_LENGTH - WAV_HEADER_BYTES:
+        riff, data = OPEN_LENGTH, OPEN_LENGTH
+    else:
+        data = samples * block
+        riff = WAV_HEADER_BYTES - 8 + data
+    return b"RIFF" + struct.pack("<I", riff) + b"WAVE" + fmt_chunk + b"data" + struct.pack("<I", data)
 
 
 def encode(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
@@ -64,6 +76,10 @@ def encode(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     if fmt == "pcm":
         return to_pcm16(audio)
     container, subtype = FORMATS[fmt]
+    if fmt == "aac":
+        from edge_runtime.runtime.audio_stream import encode_whole
+
+        return encode_whole(audio, sample_rate, fmt)
     if subtype == "OPUS" and sample_rate not in OPUS_RATES:
         from edge_runtime.dsp import resample
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from edge_runtime.errors import InvalidInputError, RequestFailedError
+from edge_runtime.runtime.idle import HeldIterator, KeepAlive, ModelFacts, can_reload, release_memory, reload_parts
 from edge_runtime.runtime.memory import MemoryGovernor, is_oom_error
 from edge_runtime.models.base import SpeechModel, SynthesisSettings
 from edge_runtime.paths import data_dir
@@ -44,7 +46,8 @@ class Runtime:
     """Synthesises speech with one model under one profile; safe to call from several threads."""
 
     def __init__(self, model: SpeechModel, profile: Any, *, telemetry_path: str | None = None,
-                 device: str = "cpu", dtype: Any = None, plan: Any = None, placement: Any = None) -> None:
+                 device: str = "cpu", dtype: Any = None, plan: Any = None, placement: Any = None,
+                 reloader: Callable[[], tuple[SpeechModel, Any]] | None = None) -> None:
         self.model = model
         self.profile = profile
         self.plan = plan  # the planner's Plan this model was loaded under (None: not planned)
@@ -61,6 +64,20 @@ class Runtime:
         # Everything alive now (torch, the model) is permanent: later full collections skip it,
         # which makes per-request cleanup cost ~0.01 ms instead of ~50 ms.
         MemoryGovernor.freeze_baseline()
+        # runtime.keep_alive_s: unload after that long idle, reload on the next request (idle.py).
+        # Reloading needs to know how: the loader's plan (reload_parts) or the caller's reloader.
+        seconds = getattr(profile.runtime, "keep_alive_s", None)
+        self._reloader = reloader
+        if seconds and reloader is None:
+            why = "it was not built by the loader" if plan is None else can_reload(model.model_id)
+            if why:
+                log.warning("runtime.keep_alive_s ignored: %s cannot be reloaded (%s); it stays loaded",
+                            model.model_id, why)
+            else:
+                self._reloader = partial(reload_parts, self)
+        self._placement_facts: dict[str, Any] | None = None
+        self.keep_alive = KeepAlive(seconds, self._unload_model, self._reload_model,
+                                    enabled=self._reloader is not None, name=model.model_id)
 
     @property
     def sample_rate(self) -> int:
@@ -103,6 +120,11 @@ class Runtime:
                       transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
         """Prompt audio (bytes, a path, or samples with `sample_rate`) -> (voice id, prepared voice,
         cache hit). The id is a content hash: the same clip again is a cache hit, never re-encoded."""
+        with self.keep_alive.hold():
+            return self._prepare_voice(audio, sample_rate, transcript)
+
+    def _prepare_voice(self, audio: Any, sample_rate: int | None = None,
+                       transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
         if not self.model.supports_voice_prompt:
             raise InvalidInputError(f"{self.model.model_id} does not take voice prompts")
         rate = self.model.prompt_sample_rate or self.model.sample_rate
@@ -170,14 +192,32 @@ class Runtime:
         return units, opts, prepared, status
 
     def stream(self, text: str, *, voice: Any = None, **settings: Any) -> Iterator[np.ndarray]:
-        """Yield float32 audio chunks as soon as each is ready (first sentence first)."""
-        units, opts, prepared, status = self._request(text, voice, settings)
-        return self._run(units, opts, prepared, stream=True, cache_status=status)
+        """Yield float32 audio chunks as soon as each is ready (first sentence first). The model
+        stays loaded until the iterator is exhausted or closed."""
+        self.keep_alive.acquire()
+        try:
+            units, opts, prepared, status = self._request(text, voice, settings)
+        except BaseException:
+            self.keep_alive.release()
+            raise
+        return HeldIterator(self._run(units, opts, prepared, stream=True, cache_status=status), self.keep_alive)
+
+    def audio_length(self, text: str, *, voice: Any = None, **settings: Any) -> int | None:
+        """Samples `stream(text, voice=voice, **settings)` will yield, when the model can tell before
+        decoding (its `predict_samples`: Piper's durations; exact given a seed); None otherwise."""
+        if not hasattr(self.model, "predict_samples") or settings.get("seed") is None:
+            return None
+        with self.keep_alive.hold():  # reloads an idle-unloaded model (runtime.keep_alive_s)
+            units, opts, prepared, _ = self._request(text, voice, settings)
+            predict = self.model.predict_samples
+            with self._lock, self._grad_context():
+                return sum(int(predict(unit, opts, prepared)) for unit in units)
 
     def synthesize(self, text: str, *, voice: Any = None, **settings: Any) -> tuple[np.ndarray, int]:
         """The whole utterance as one float32 array, and its sample rate."""
-        units, opts, prepared, status = self._request(text, voice, settings)
-        chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
+        with self.keep_alive.hold():
+            units, opts, prepared, status = self._request(text, voice, settings)
+            chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return audio, self.sample_rate
 
@@ -239,6 +279,11 @@ class Runtime:
         Out of memory in a batch: clean up, split it in halves and retry each half; a single sentence
         that still does not fit fails the whole call with RequestFailedError (the runtime lives on).
         """
+        with self.keep_alive.hold():
+            return self._synthesize_batch(texts, voice=voice, max_batch=max_batch, **settings)
+
+    def _synthesize_batch(self, texts: list[str], *, voice: Any = None, max_batch: int | None = None,
+                          **settings: Any) -> list[tuple[np.ndarray, int]]:
         opts = self._settings(**settings)
         units = [self.model.split_text(self._check_text(text)) for text in texts]
         voice, status = self._resolve_voice(voice)
@@ -332,10 +377,52 @@ class Runtime:
         """How the model's weights are placed: backend, plan summary and transfer counters
         (``bytes_moved`` counts since load: subtract two readings for one request)."""
         if self.placement_handle is None:
+            if self._placement_facts is not None:  # unloaded: what it was, and that it is gone
+                return {**self._placement_facts, "state": self.keep_alive.state}
             return {"backend": "resident", "device": self.device}
         return self.placement_handle.describe()
 
+    # -- idle unload (runtime.keep_alive_s; the KeepAlive in idle.py calls these) -----------------
+    def using_model(self):
+        """`with rt.using_model(): rt.model...` reaches the model's own methods directly, reloading
+        it first if it was unloaded and keeping it loaded until the block ends."""
+        return self.keep_alive.hold()
+
+    def unload(self) -> bool:
+        """Release the weights now if no request is in flight (reloaded on the next request)."""
+        if self._reloader is None:
+            return False
+        return self.keep_alive.unload_now()
+
+    @property
+    def model_state(self) -> dict[str, Any]:
+        """loaded | unloading | unloaded | loading, with unload/reload counts and durations."""
+        return self.keep_alive.describe()
+
+    def _unload_model(self) -> None:
+        with self._lock:  # no forward in progress (none can start: KeepAlive holds new requests)
+            model, placement = self.model, self.placement_handle
+            self._placement_facts = placement.describe() if placement is not None else None
+            self.model, self.placement_handle = ModelFacts(model, self.keep_alive, lambda: self.model), None
+        try:
+            model.close()
+        finally:
+            if placement is not None:
+                placement.close()
+            del model, placement  # the last references: the weights are garbage from here
+            release_memory(self.governor)
+
+    def _reload_model(self) -> None:
+        model, placement = self._reloader()
+        if model.model_id != self.model.model_id:
+            raise RequestFailedError(f"reload gave {model.model_id}, expected {self.model.model_id}")
+        with self._lock:
+            self.model, self.placement_handle = model, placement
+            self._placement_facts = None
+        MemoryGovernor.freeze_baseline()  # the new weights are long-lived again
+
     def close(self) -> None:
+        self.keep_alive.close()
         self.model.close()
         if self.placement_handle is not None:
             self.placement_handle.close()

@@ -186,5 +186,11 @@ def load(model: str | None = None, *, profile: str | None = None, overrides: tup
     placer = BackendPlacer(resolution)
     speech_model = resolution.source.family.load(resolution.source, placer)
     placement = Placement(result, resolution.backend, resolution.device, placer.handles)
+
+    def reload():  # idle unload (runtime.keep_alive_s): same source, profile and dtype, placed afresh
+        again = BackendPlacer(resolution)
+        model = resolution.source.family.load(resolution.source, again)
+        return model, Placement(result, resolution.backend, resolution.device, again.handles)
+
     return Runtime(speech_model, profile_obj, telemetry_path=telemetry, device=resolution.device,
-                   dtype=resolution.dtype, plan=result, placement=placement)
+                   dtype=resolution.dtype, plan=result, placement=placement, reloader=reload)

@@ -76,6 +76,7 @@ class Worker:
         whether they measure the batch (a speech batch where every request got audio)."""
         loop = asyncio.get_running_loop()
         jobs, head = batch.jobs, batch.jobs[0]
+        reloads = self._reloads()
         start = self.clock()
         try:
             if head.kind == "stream":
@@ -89,6 +90,7 @@ class Worker:
             outcomes = [exc] * len(jobs)
         seconds = self.clock() - start
         measured = head.kind == "speech" and all(isinstance(outcome, SpeechResult) for outcome in outcomes)
+        measured = measured and self._reloads() == reloads  # a batch that reloaded an idle model: not its speed
         if measured:  # a failed or thinned (cancelled) batch measures nothing
             self.tuner.observe(len(jobs), sum(len(job.text) for job in jobs), seconds, full=batch.full)
         if head.kind == "speech" and self.on_batch is not None:
@@ -101,6 +103,11 @@ class Worker:
             else:
                 job.future.set_result(outcome)
         return seconds, measured
+
+    def _reloads(self) -> int:
+        """Times the runtime reloaded its model after an idle unload (runtime.keep_alive_s)."""
+        keep_alive = getattr(self.runtime, "keep_alive", None)
+        return getattr(keep_alive, "reloads", 0)
 
     # -- the worker thread ------------------------------------------------------------------------
     def forward(self, texts: list[str]) -> Any:

@@ -248,6 +248,26 @@ class PiperModel(SpeechModel):
         z = vits.flow_reverse(prior._replace(m=m, logs=logs, mask=fmask), noise_scale, g_flow, generator)
         return self._cast("decoder", z), self._cast("decoder", g), prior.lengths
 
+    def predict_samples(self, unit: str, settings: SynthesisSettings, voice: Any = None) -> int:
+        """Samples synthesize_unit yields for `unit`, from the duration predictor alone (no flow, no
+        decoder). It draws the same seeded noise as _latent, so it is exact when settings.seed is set
+        (Runtime.audio_length asks only then): streamed WAV headers carry the true length."""
+        utt = self.frontend.utterance(unit)
+        if len(utt.phonemes) == 0:
+            return 0
+        settings = self._with_voice(settings, voice)
+        cfg, vits, device = self.config, self.vits, self.device
+        generator = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
+        ids = torch.tensor([utt.ids], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(utt.ids)], dtype=torch.long, device=device)
+        g = vits.speaker(self._speaker_id(settings.speaker), 1, device)
+        noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
+        enc = vits.encode(ids, lengths)
+        hidden, mask, g_dp = self._cast("duration_predictor", enc.hidden, enc.mask, g)
+        durations = vits.predict_durations(enc._replace(hidden=hidden, mask=mask), noise_w,
+                                           cfg.length_scale / settings.speed, g_dp, generator)
+        return int(torch.clamp_min(durations.sum(dim=1), 1)[0]) * vits.hop_length
+
     def _finish_audio(self, audio: torch.Tensor) -> np.ndarray:
         samples = audio.detach().float().cpu().numpy().reshape(-1)
         return np.clip(samples * self.gain, -1.0, 1.0) if self.gain != 1.0 else samples

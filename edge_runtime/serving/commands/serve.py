@@ -30,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip the warm-up synthesis at start (max_batch auto then starts at 1 and learns while serving)")
     p.add_argument("--telemetry", help="append per-request telemetry as JSON lines to this file")
+    p.add_argument("--keep-alive", type=float, metavar="SECONDS",
+                   help="unload the model after this many idle seconds, reload it on the next request "
+                        "(0: never; default: the profile's runtime.keep_alive_s)")
     p.set_defaults(handler=run)
     return p
 
@@ -63,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise EdgeRuntimeError(f"--port {args.port} is out of range; allowed: 0 to 65535")
-    rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry,
-              allow_download=args.allow_download)
+    keep_alive = () if args.keep_alive is None else (f"runtime.keep_alive_s={args.keep_alive}",)
+    rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()) + keep_alive,
+              telemetry=args.telemetry, allow_download=args.allow_download)
     profile = rt.profile
     _say(f"profile: {profile.name} ({profile.source or 'built in'}): {profile.description}")
     _say(f"model: {rt.model.model_id} ({rt.sample_rate} Hz)")
     _say(_plan_summary(rt))
+    state = rt.model_state
+    _say(f"keep-alive: unload after {state['keep_alive_s']:g} s idle" if state["keep_alive_s"]
+         else "keep-alive: never unload")
     settings = ServerSettings(api_key=args.api_key, max_upload_bytes=int(args.max_upload_mib * 1024 * 1024),
                               shutdown_timeout_s=args.shutdown_timeout, warm_up=not args.no_warm_up,
                               announce=_say)

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from edge_runtime.runtime.idle import STATES
 from edge_runtime.runtime.memory import peak_rss_bytes
 
 PREFIX = "edge_runtime"
@@ -42,6 +43,7 @@ class RuntimeCollector:
                                      ("max_entries", "max_entries", "entry limit (voice_cache.max_entries)")):
             yield GaugeMetricFamily(f"{PREFIX}_voice_cache_{name}", f"Voice cache: {help_text}.",
                                     value=stats[key])
+        yield from self._model_state()
         snap = self.runtime.governor.snapshot()
         yield GaugeMetricFamily(f"{PREFIX}_memory_rss_bytes", "Resident set size of the server process.",
                                 value=snap.rss_bytes)
@@ -55,6 +57,29 @@ class RuntimeCollector:
                     ("peak", last.cuda_peak if last and last.cuda_peak is not None else snap.cuda_peak,
                      "peak CUDA memory allocated during the last request")):
                 yield GaugeMetricFamily(f"{PREFIX}_cuda_memory_{name}_bytes", f"{help_text}.", value=value)
+
+    def _model_state(self):
+        """Idle unload (runtime.keep_alive_s): the model's state, and unload / reload durations."""
+        described = getattr(self.runtime, "model_state", None)
+        if described is None:
+            return
+        state = GaugeMetricFamily(f"{PREFIX}_model_state",
+                                  "1 for the model's current state (loaded, unloading, unloaded, loading).",
+                                  labels=["state"])
+        for name in STATES:
+            state.add_metric([name], 1.0 if described["state"] == name else 0.0)
+        yield state
+        yield GaugeMetricFamily(f"{PREFIX}_model_keep_alive_seconds",
+                                "Idle seconds before the model is unloaded (0: never).", value=described["keep_alive_s"])
+        for what in ("unload", "reload"):
+            yield CounterMetricFamily(f"{PREFIX}_model_{what}s", f"Idle unload: times the model was {what}ed.",
+                                      value=described[f"{what}s"])
+            yield CounterMetricFamily(f"{PREFIX}_model_{what}_seconds", f"Idle unload: seconds spent in {what}s.",
+                                      value=described[f"{what}_seconds_total"])
+            last = described[f"last_{what}_s"]
+            if last is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_model_last_{what}_seconds",
+                                        f"Idle unload: duration of the last {what}.", value=last)
 
 
 class ServerMetrics:

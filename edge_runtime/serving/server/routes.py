@@ -53,10 +53,12 @@ def delete_voice(voice_id: str, request: Request) -> VoiceDeleted:
 def health(request: Request) -> JSONResponse:
     state = _state(request)
     scheduler = state.scheduler
+    kept = getattr(state.runtime, "model_state", None)  # idle unload (runtime.keep_alive_s); fakes lack it
     body = Health(status="draining" if state.draining else "ok", model=state.runtime.model.model_id,
                   profile=state.runtime.profile.name, queue_depth=scheduler.depth,
-                  max_batch=scheduler.max_batch, uptime_s=round(time.time() - state.started_at, 3))
-    return JSONResponse(body.model_dump(), status_code=503 if state.draining else 200)
+                  max_batch=scheduler.max_batch, uptime_s=round(time.time() - state.started_at, 3),
+                  model_state=kept["state"] if kept else None, keep_alive=kept)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=503 if state.draining else 200)
 
 
 def metrics(request: Request) -> Response:

@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-RESPONSE_FORMATS = ("mp3", "wav", "flac", "opus", "pcm")
-STREAM_FORMATS = ("audio",)
+RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+STREAM_FORMATS = ("audio", "sse")
 
 
 class VoiceRef(BaseModel):
@@ -24,9 +24,11 @@ class SpeechRequest(BaseModel):
     model: str = Field(min_length=1, description="the served model's id, or tts-1 / tts-1-hd / gpt-4o-mini-tts")
     input: str = Field(description="text to speak (at most limits.max_text_chars characters)")
     voice: Union[str, VoiceRef] = Field(description="a built-in voice name or an uploaded voice id")
-    response_format: str = Field("mp3", description="mp3, wav, flac, opus or pcm (16-bit LE mono)")
+    response_format: str = Field("mp3", description="mp3, opus, aac, flac, wav or pcm (16-bit LE mono)")
     speed: float = Field(1.0, description="speaking rate, 0.25 to 4.0")
-    stream_format: Optional[str] = Field(None, description="'audio': send audio while it is produced")
+    stream_format: Optional[str] = Field(None, description="'audio' (raw bytes) or 'sse' (OpenAI's "
+                                                            "speech.audio.delta / speech.audio.done events); "
+                                                            "audio is sent while it is produced either way")
     instructions: Optional[str] = Field(None, description="how to speak (models that follow instructions, e.g. "
                                                           "CosyVoice2); other models ignore it")
     # not OpenAI's (its clients send it with extra_body): the same seed gives the same audio
@@ -51,7 +53,7 @@ class SpeechRequest(BaseModel):
     @classmethod
     def _stream(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and value not in STREAM_FORMATS:
-            raise ValueError(f"unsupported stream_format {value!r}; allowed: audio (sse is not supported)")
+            raise ValueError(f"unsupported stream_format {value!r}; allowed: {', '.join(STREAM_FORMATS)}")
         return value
 
     @property
@@ -116,3 +118,5 @@ class Health(BaseModel):
     queue_depth: int
     max_batch: int
     uptime_s: float
+    model_state: Optional[Literal["loaded", "unloading", "unloaded", "loading"]] = None  # runtime.keep_alive_s
+    keep_alive: Optional[dict[str, Any]] = None
