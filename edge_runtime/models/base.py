@@ -96,6 +96,8 @@ class WordTiming:
     word: str
     start_s: float
     end_s: float
+    start_char: int = -1  # [start_char, end_char): the word's span in the request text (-1: unknown)
+    end_char: int = -1
 
 
 class SpeechModel(ABC):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from functools import partial
 import time
 import uuid
@@ -21,7 +22,7 @@ import torch
 from edge_runtime.errors import InvalidInputError, RequestFailedError
 from edge_runtime.runtime.idle import HeldIterator, KeepAlive, ModelFacts, can_reload, release_memory, reload_parts
 from edge_runtime.runtime.memory import MemoryGovernor, is_oom_error
-from edge_runtime.models.base import SpeechModel, SynthesisSettings
+from edge_runtime.models.base import SpeechModel, SynthesisSettings, WordTiming
 from edge_runtime.paths import data_dir
 from edge_runtime.runtime.prompts import prepare_prompt
 from edge_runtime.runtime.telemetry import RequestTelemetry, TelemetryLog
@@ -220,6 +221,37 @@ class Runtime:
             chunks = list(self._run(units, opts, prepared, stream=False, cache_status=status))
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return audio, self.sample_rate
+
+    def synthesize_with_timings(self, text: str, *, voice: Any = None, **settings: Any
+                                ) -> tuple[np.ndarray, int, list[WordTiming]]:
+        """The whole utterance, its sample rate, and when each word is spoken: seconds from the
+        start of the audio, and [start_char, end_char) spans of `text` itself (the words of "$5",
+        "5 dollars", both span "$5"). InvalidInputError for a model that cannot time words."""
+        from edge_runtime.models.text.alignment import TextAlignment
+
+        with self.keep_alive.hold():
+            units, opts, prepared, _ = self._request(text, voice, settings)
+            if not self.model.supports_word_timings:
+                raise InvalidInputError(f"{self.model.model_id} does not report word timings; "
+                                        "models that do: piper voices")
+            chunks: list[np.ndarray] = []
+            timed: list[tuple[int, WordTiming]] = []  # (unit offset in `normalised`, word)
+            offset_s, offset_c = 0.0, 0
+            for unit in units:
+                with self._lock, self._grad_context():
+                    audio, words = self.model.synthesize_with_timings(unit, opts, prepared)
+                timed += [(offset_c, replace(w, start_s=w.start_s + offset_s, end_s=w.end_s + offset_s))
+                          for w in words]
+                chunks.append(np.asarray(audio, dtype=np.float32))
+                offset_s += len(audio) / self.sample_rate
+                offset_c += len(unit) + 1
+        alignment = TextAlignment(text, " ".join(units))
+        out = []
+        for base, w in timed:
+            start, end = alignment.original_span(base + w.start_char, base + w.end_char)
+            out.append(replace(w, start_char=start, end_char=end))
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return audio, self.sample_rate, out
 
     def _run(self, units: list[str], opts: SynthesisSettings, voice: Any, stream: bool,
              cache_status: str = "none") -> Iterator[np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edge_runtime.errors import InvalidInputError, ModelNotFoundError
-from edge_runtime.models.base import ModelSource, Placer, SpeechModel, SubModel, SynthesisSettings
+from edge_runtime.models.base import ModelSource, Placer, SpeechModel, SubModel, SynthesisSettings, WordTiming
 from edge_runtime.models.registry import register
 from edge_runtime.models.text import TextFrontend
 
@@ -32,6 +32,7 @@ FRAMES_PER_PHONEME = 7  # 86 frames/s at 22.05 kHz over ~12 phonemes/s of read s
 class PiperModel(SpeechModel):
     family = "piper"
     supports_batch = True
+    supports_word_timings = True  # exact, from the duration predictor
     # No zero-shot cloning: a prompt picks the built-in speaker that sounds closest (speaker_match).
     supports_voice_prompt = True
     voice_prompt_kind = "nearest-speaker"
@@ -224,8 +225,9 @@ class PiperModel(SpeechModel):
     def split_text(self, text: str) -> list[str]:
         return self.frontend.sentences(text)
 
-    def _latent(self, id_lists: list[tuple[int, ...]], settings: SynthesisSettings):
-        """Phoneme ids (a batch, padded) -> decoder input z, speaker conditioning, frames per item."""
+    def _latent(self, id_lists: list[tuple[int, ...]], settings: SynthesisSettings, durations_out: list | None = None):
+        """Phoneme ids (a batch, padded) -> decoder input z, speaker conditioning, frames per item
+        (and, into `durations_out` when given, the frames of each phoneme id [B, T])."""
         cfg, vits = self.config, self.vits
         device = self.device
         generator = None
@@ -243,6 +245,8 @@ class PiperModel(SpeechModel):
         hidden, mask, g_dp = self._cast("duration_predictor", enc.hidden, enc.mask, g)
         durations = vits.predict_durations(enc._replace(hidden=hidden, mask=mask), noise_w,
                                            cfg.length_scale / settings.speed, g_dp, generator)
+        if durations_out is not None:
+            durations_out.append(durations.float())
         prior = vits.expand(enc, durations.float())
         m, logs, fmask, g_flow = self._cast("flow", prior.m, prior.logs, prior.mask, g)
         z = vits.flow_reverse(prior._replace(m=m, logs=logs, mask=fmask), noise_scale, g_flow, generator)
@@ -298,3 +302,66 @@ class PiperModel(SpeechModel):
         for row, k in enumerate(spoken):
             out[k] = self._finish_audio(audio[row, :int(frames[row]) * hop])
         return out
+
+    # -- word timings ---------------------------------------------------------------------------
+    def _id_spans(self, phonemes: tuple[str, ...]) -> list[tuple[int, int]]:
+        """[first, last) phoneme-id positions of each phoneme character (its pad included), as
+        PhonemeIdMapper lays them out; a character the voice lacks has an empty span."""
+        id_map = self.frontend.mapper.id_map
+        pad = len(id_map["_"])
+        pos = len(id_map["^"]) + pad
+        spans = []
+        for ch in phonemes:
+            mapped = id_map.get(ch)
+            width = 0 if mapped is None else len(mapped) + pad
+            spans.append((pos, pos + width))
+            pos += width
+        return spans
+
+    def synthesize_with_timings(self, unit: str, settings: SynthesisSettings, voice: Any = None
+                                ) -> tuple[np.ndarray, list[WordTiming]]:
+        """The audio synthesize_unit gives for `unit` and when each of its words is spoken, exact
+        from the duration predictor: each phoneme id lasts its frames x hop / rate. Phonemes go to
+        words by matching the sentence's phonemes with each word phonemised alone
+        (text.alignment.label_phonemes); char offsets are into `unit`."""
+        from edge_runtime.models.text.alignment import label_phonemes, words_of
+
+        utt = self.frontend.utterance(unit)
+        if len(utt.phonemes) == 0:
+            return np.zeros(0, dtype=np.float32), []
+        durations: list[torch.Tensor] = []
+        z, g, frames = self._latent([utt.ids], self._with_voice(settings, voice), durations)
+        hop = self.vits.hop_length
+        audio = self._finish_audio(self.vits.decode(z, g)[..., :int(frames[0]) * hop])
+        words = words_of(unit)
+        phonemizer = self.frontend.phonemizer
+        labels = label_phonemes(utt.phonemes, [phonemizer.phonemize(w.text) for w in words])
+        ends = torch.cumsum(durations[0][0], dim=0).tolist()
+        spans = self._id_spans(utt.phonemes)
+        # frames [first, last) of each word, over its phoneme characters that have ids
+        bounds: dict[int, list[float]] = {}
+        for (lo, hi), label in zip(spans, labels):
+            if label < 0 or hi <= lo:
+                continue
+            start, end = (ends[lo - 1] if lo else 0.0), ends[hi - 1]
+            if label in bounds:
+                bounds[label][1] = end
+            else:
+                bounds[label] = [start, end]
+        scale = hop / self.sample_rate
+        out: list[WordTiming] = []
+        lead: int | None = None  # start of leading words with no phoneme of their own
+        for i, word in enumerate(words):
+            if i not in bounds:  # no phoneme of its own: it joins the word before (or after)
+                if out:
+                    prev = out[-1]
+                    out[-1] = WordTiming(unit[prev.start_char:word.end], prev.start_s, prev.end_s,
+                                         prev.start_char, word.end)
+                elif lead is None:
+                    lead = word.start
+                continue
+            first = word.start if lead is None else lead
+            lead = None
+            start, end = bounds[i]
+            out.append(WordTiming(unit[first:word.end], start * scale, end * scale, first, word.end))
+        return audio, out

@@ -26,6 +26,7 @@ from edge_runtime.serving.server.routes import build_router
 from edge_runtime.serving.server.settings import ServerSettings, log
 from edge_runtime.serving.server.speech import SpeechService
 from edge_runtime.serving.server.voice_store import VoiceStore
+from edge_runtime.serving.server.web import build_web_router
 from edge_runtime.serving.worker import Worker
 
 
@@ -70,6 +71,7 @@ def create_app(runtime: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(build_router())
+    app.include_router(build_web_router())  # the page at / and GET /v1/stats
     # added last = outermost: count every answer, refuse a missing key before any body is read
     app.add_middleware(BodyLimitMiddleware, max_json_bytes=settings.max_json_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
