@@ -37,6 +37,8 @@ case "${1-}" in
         exec edge-runtime say --text-file samples/sample.txt -o out/sample.wav ;;
     test)
         shift
+        # Debian's chromium + chromedriver for the web page test (tests/test_web_page.py); a no-op when present
+        bash scripts/install_browser.sh >&2
         # The CosyVoice2 reference the parity tests compare against: a scratch venv (.cosyvoice_ref/),
         # built once (about 40 s) and again when its script changes; a failed build stops here.
         if [ ! -f .cosyvoice_ref/.built ] || [ scripts/cosyvoice_reference.sh -nt .cosyvoice_ref/.built ]; then
