@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--noise-scale", type=float, help="latent variation (voice default if omitted)")
     p.add_argument("--noise-w", type=float, help="duration variation (voice default if omitted)")
     p.add_argument("--seed", type=int, help="fix the noise for reproducible audio")
+    p.add_argument("--captions", type=Path, metavar="OUT.srt|OUT.vtt",
+                   help="also write word-timed captions (SRT or WebVTT, by suffix); models with word "
+                        "timings only (Piper voices)")
     p.add_argument("--telemetry", help="append per-request telemetry as JSON lines to this file")
     p.set_defaults(handler=run)
     return p
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or audio.format_from_path(args.output)
     audio.check_format(fmt)
     speaker = int(args.speaker) if args.speaker and args.speaker.isdigit() else args.speaker
+    if args.captions is not None:
+        from edge_runtime.runtime.captions import caption_format
+
+        caption_format(args.captions)  # a bad suffix fails before the model loads
     rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()), telemetry=args.telemetry,
               allow_download=args.allow_download)
     try:
@@ -69,15 +76,24 @@ def run(args: argparse.Namespace) -> int:
             _, voice, _ = rt.prepare_voice(args.voice, transcript=args.voice_text)
         moved_before = rt.placement.get("bytes_moved", 0)
         start = time.perf_counter()
-        samples, rate = rt.synthesize(text, voice=voice, speed=args.speed, noise_scale=args.noise_scale,
-                                      noise_w=args.noise_w, speaker=speaker, seed=args.seed,
-                                      instructions=args.instructions)
+        settings = dict(voice=voice, speed=args.speed, noise_scale=args.noise_scale, noise_w=args.noise_w,
+                        speaker=speaker, seed=args.seed, instructions=args.instructions)
+        words = None
+        if args.captions is not None:
+            samples, rate, words = rt.synthesize_with_timings(text, **settings)
+        else:
+            samples, rate = rt.synthesize(text, **settings)
         elapsed = time.perf_counter() - start
         path = audio.write(args.output, samples, rate, fmt)
         duration = len(samples) / rate
         rtf = elapsed / duration if duration else float("nan")
         print(f"wrote {path} ({duration:.2f} s of audio at {rate} Hz, {fmt}); "
               f"synthesis {elapsed:.2f} s, real-time factor {rtf:.3f}")
+        if words is not None:
+            from edge_runtime.runtime.captions import write_captions
+
+            written = write_captions(args.captions, text, words)
+            print(f"wrote {written} (captions for {len(words)} words)")
         placed = rt.placement
         if placed["backend"] != "resident":
             mib = 1024 * 1024

@@ -33,6 +33,8 @@ class SpeechRequest(BaseModel):
                                                           "CosyVoice2); other models ignore it")
     # not OpenAI's (its clients send it with extra_body): the same seed gives the same audio
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="fixes the sampling noise: same seed, same audio")
+    # not OpenAI's: a JSON answer (audio + words), or a speech.audio.timestamps event on SSE
+    word_timestamps: bool = Field(False, description="when each word is spoken, with offsets into input")
 
     @field_validator("response_format")
     @classmethod

@@ -114,6 +114,10 @@ class SpeechService:
         fmt = req.response_format
         stream = fmt in RAW_FORMATS or (fmt in ENCODED_FORMATS and audio_stream.available())
         try:
+            if req.word_timestamps:
+                from edge_runtime.serving.server.timestamps import speak_with_timestamps
+
+                return await speak_with_timestamps(self, req, request, voice_id, settings, start)
             if stream:
                 return await self._stream(req, request, voice_id, settings, start)
             if req.stream_format == "sse":  # flac: one delta carrying the whole file
@@ -248,13 +252,16 @@ def _event(payload: dict) -> bytes:
 
 
 async def sse_events(body: AsyncIterator[bytes], input_tokens: int, tally: dict,
-                     rate: int) -> AsyncIterator[bytes]:
+                     rate: int, words: list[dict] | None = None) -> AsyncIterator[bytes]:
     """OpenAI's speech SSE: one `speech.audio.delta` per piece of audio bytes (base64), then
     `speech.audio.done` with usage once the audio is complete (not after a failure: the stream
-    just ends, as a truncated raw stream would)."""
+    just ends, as a truncated raw stream would). With ``words`` (word_timestamps, ours) one
+    `speech.audio.timestamps` event comes before the done event."""
     try:
         async for data in body:
             yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+        if tally["finished"] and words is not None:
+            yield _event({"type": "speech.audio.timestamps", "words": words})
         if tally["finished"]:
             output_tokens = math.ceil(tally["samples"] * OUTPUT_TOKENS_PER_SECOND / rate)
             yield _event({"type": "speech.audio.done",
