@@ -29,35 +29,6 @@ TEXT = "First sentence streams at once. The second one follows it, a little long
 ENCODED = ("mp3", "opus", "aac")
 
 
-def _predict_samples(self, unit, settings, voice=None) -> int:
-    """PiperModel.predict_samples as proposed for edge_runtime/models/piper/adapter.py (brief S
-    report): the duration predictor alone, drawing the same seeded noise as _latent."""
-    import torch
-
-    utt = self.frontend.utterance(unit)
-    if len(utt.phonemes) == 0:
-        return 0
-    settings = self._with_voice(settings, voice)
-    cfg, vits, device = self.config, self.vits, self.device
-    generator = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
-    ids = torch.tensor([utt.ids], dtype=torch.long, device=device)
-    lengths = torch.tensor([len(utt.ids)], dtype=torch.long, device=device)
-    g = vits.speaker(self._speaker_id(settings.speaker), 1, device)
-    noise_w = cfg.noise_w if settings.noise_w is None else settings.noise_w
-    enc = vits.encode(ids, lengths)
-    hidden, mask, g_dp = self._cast("duration_predictor", enc.hidden, enc.mask, g)
-    durations = vits.predict_durations(enc._replace(hidden=hidden, mask=mask), noise_w,
-                                       cfg.length_scale / settings.speed, g_dp, generator)
-    return int(torch.clamp_min(durations.sum(dim=1), 1)[0]) * vits.hop_length
-
-
-def _ensure_predict_samples() -> None:
-    from edge_runtime.models.piper.adapter import PiperModel
-
-    if not hasattr(PiperModel, "predict_samples"):  # until the adapter carries it
-        PiperModel.predict_samples = _predict_samples
-
-
 class _NoLengthModel:
     """The served model, minus its up-front length: what every other family looks like."""
 
@@ -103,7 +74,6 @@ class GatedRuntime:
 def server():
     from edge_runtime.serving.server import ServerSettings
 
-    _ensure_predict_samples()
     with start(ServerSettings(api_key=API_KEY, warm_up=False)) as running:
         yield running
 

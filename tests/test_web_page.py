@@ -209,7 +209,9 @@ def test_page_in_a_real_browser(server, browser, tmp_path):
     uploaded = _wait(chrome, "(o => o && o.value)(document.querySelector('#voice option[data-type=uploaded]'))",
                      "the uploaded voice in the list", timeout=90)
     assert re.fullmatch(r"[0-9a-f]{16,64}", uploaded)
-    assert chrome.execute_script("return document.getElementById('voice').value") == uploaded
+    # the page selects it once its upload has answered (a list refresh may show the option a moment before)
+    _wait(chrome, f"document.getElementById('voice').value === {uploaded!r}", "the uploaded voice selected",
+          timeout=30)
     listed = httpx.get(f"{server.url}/v1/voices", headers=auth(), timeout=30).json()["data"]
     assert uploaded in [v["id"] for v in listed if v["type"] == "uploaded"]
 

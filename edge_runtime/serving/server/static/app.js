@@ -7,7 +7,8 @@ const KEY_STORE = "edge_runtime.api_key";
 const HISTORY = 300;          // memory samples kept for the chart (~5 minutes at one per second)
 const POLL_MS = 1000;
 
-const state = { model: null, history: [], lastStats: null, speaking: false, recorder: null, statsFailures: 0 };
+const state = { model: null, history: [], lastStats: null, speaking: false, recorder: null, statsFailures: 0,
+                pendingVoice: null };
 window.edgeRuntime = state;   // for the browser test and for curious users
 
 // ---- API -------------------------------------------------------------------------------------
@@ -56,13 +57,18 @@ function setStatus(id, text, isError) {
 }
 
 // ---- voices ----------------------------------------------------------------------------------
+let voiceLoads = 0;  // refreshes may overlap (an upload, a new API key): only the newest fills the list
+
 async function loadVoices(select) {
+  if (select) state.pendingVoice = select;  // kept until a refresh shows it, whichever refresh that is
+  const mine = ++voiceLoads;
   const models = await (await api("/v1/models")).json();
+  const voices = (await (await api("/v1/voices")).json()).data;
+  if (mine !== voiceLoads) return;
   state.model = models.data[0];
   $("model-name").textContent = `${state.model.id} · ${state.model.sample_rate} Hz`;
-  const voices = (await (await api("/v1/voices")).json()).data;
   const menu = $("voice");
-  const keep = select || menu.value;
+  const keep = state.pendingVoice || menu.value;
   menu.innerHTML = "";
   const speakers = new Set(state.model.voices);
   const groups = [["Built-in", voices.filter((v) => v.type === "builtin")],
@@ -82,7 +88,10 @@ async function loadVoices(select) {
     }
     menu.appendChild(group);
   }
-  if (keep && [...menu.options].some((o) => o.value === keep)) menu.value = keep;
+  if (keep && [...menu.options].some((o) => o.value === keep)) {
+    menu.value = keep;
+    if (keep === state.pendingVoice) state.pendingVoice = null;
+  }
   $("upload").disabled = $("record").disabled = !state.model.voice_prompt;
 }
 
