@@ -34,3 +34,27 @@ def quantized_cache(tmp_path_factory):
     patch.setenv("EDGE_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("edge_cache")))
     yield
     patch.undo()
+
+
+def check_missing_shard_is_named(folder: Path, tmp_path: Path, capsys, text: str) -> list[str]:
+    """A sharded folder missing one shard: load() and `say` (exit 2, no traceback) name that shard.
+    Returns the folder's shard names."""
+    import json
+    import shutil
+
+    import edge_runtime
+    from edge_runtime.errors import ModelNotFoundError
+    from edge_runtime.serving.cli import main
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2  # saved sharded
+
+    no_shard = shutil.copytree(folder, tmp_path / "no-shard")
+    (no_shard / shards[1]).unlink()
+    with pytest.raises(ModelNotFoundError, match=shards[1]):
+        edge_runtime.load(model=str(no_shard), profile="cpu")
+    assert main(["say", "--model", str(no_shard), text, "-o", str(tmp_path / "x.wav")]) == 2
+    err = capsys.readouterr().err
+    assert shards[1] in err and "Traceback" not in err
+    return shards
