@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 
+from pathlib import Path
+
 import numpy as np
+
 import pytest
 import soundfile as sf
 
@@ -98,12 +101,12 @@ def test_saved_voice_survives_a_restart(tmp_path, speech):
     audio, rate = speech
     voice_id, voice, _ = first.prepare_voice(audio, rate)
     path = first.save_voice(voice_id)
-    assert path.is_file()
+    assert Path(path).is_file() and Path(path).parent == tmp_path
     first.close()
     second = edge_runtime.load(profile="cpu", overrides=overrides)  # a fresh runtime, empty cache
     try:
         second.synthesize("From the library.", voice=voice_id)
-        assert second.last_telemetry.voice_cache == "hit"
+        assert second.last_telemetry.voice_cache == "library"  # read, not prepared again
         assert second.voice_cache.get(voice_id).extra == voice.extra
     finally:
         second.close()

@@ -68,7 +68,7 @@ def test_summary_numbers():
     assert s["latency_p95_s"] == pytest.approx(95.05)
     assert s["rtf_mean"] == pytest.approx(25.25)
     assert s["audio_seconds"] == pytest.approx(200.0)
-    assert s["voice_cache"] == {"hit": 30, "miss": 70, "none": 1}
+    assert s["voice_cache"] == {"hit": 30, "miss": 70, "library": 0, "none": 1}
     assert s["cleaned"] == 50
 
 

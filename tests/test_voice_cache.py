@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
+from edge_runtime.runtime.voices import DamagedVoiceError, PreparedVoice, VoiceCache, VoiceLibrary, voice_key
 
 KiB = 1024
 
@@ -321,8 +321,8 @@ def test_library_round_trip(tmp_path):
     assert loaded.tensors["mask"].dtype == torch.bool
     assert isinstance(loaded.tensors["codes"], np.ndarray)
     np.testing.assert_array_equal(loaded.tensors["codes"], original.tensors["codes"])
-    meta = json.loads((tmp_path / "voices" / f"{vid}.json").read_text())
-    assert meta["tensors"] == ["codes", "emb", "mask"] and meta["created"].endswith("Z")
+    meta = lib.metadata(vid)
+    assert meta["tensors"] == ["codes", "emb", "mask"] and meta["created"].endswith("Z") and meta["format"] == 2
     assert not [p for p in (tmp_path / "voices").iterdir() if p.name.startswith(".")]  # no temp files left
     assert lib.delete(vid) and not lib.delete(vid)
     assert lib.list() == [] and list((tmp_path / "voices").iterdir()) == []
@@ -341,12 +341,15 @@ def test_library_load_missing_names_the_id(tmp_path):
         VoiceLibrary(tmp_path).load("0123456789abcdef")
 
 
-def test_library_lists_only_complete_entries(tmp_path):
+def test_library_lists_voices_only_and_names_a_damaged_one(tmp_path):
     lib = VoiceLibrary(tmp_path)
     lib.save("aaaaaaaaaaaaaaaa", voice())
-    (tmp_path / "bbbbbbbbbbbbbbbb.safetensors").write_bytes(b"")  # no metadata: half-written
+    (tmp_path / "bbbbbbbbbbbbbbbb.safetensors").write_bytes(b"")  # damaged from outside: listed, never served
     (tmp_path / "notes.json").write_text("{}")
-    assert lib.list() == ["aaaaaaaaaaaaaaaa"]
+    (tmp_path / "cccccccccccccccc.source.safetensors").write_bytes(b"x")
+    assert lib.list() == ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]
+    with pytest.raises(DamagedVoiceError, match="bbbbbbbbbbbbbbbb.safetensors is truncated"):
+        lib.load("bbbbbbbbbbbbbbbb")
 
 
 @pytest.mark.parametrize("bad", ["../etc/passwd", "abc", "0123456789ABCDEF", "0123456789abcdeg",

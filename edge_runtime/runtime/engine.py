@@ -28,6 +28,8 @@ from edge_runtime.runtime.prompts import prepare_prompt
 from edge_runtime.runtime.telemetry import RequestTelemetry, TelemetryLog
 from edge_runtime.runtime.voices import PreparedVoice, VoiceCache, VoiceLibrary, voice_key
 from edge_runtime.runtime.voices.keys import is_voice_id
+from edge_runtime.runtime.voices.library import VoiceSource
+from edge_runtime.runtime.voices.resolver import VoiceResolver
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Runtime:
         self.governor = MemoryGovernor(profile.cleanup, device=device)  # values checked by the schema
         cache = profile.voice_cache
         self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
+        self.voices = VoiceResolver(self.voice_cache, self._open_library, model.model_id, self._prepare_clean)
         self.telemetry = TelemetryLog(telemetry_path)
         self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
         self.inference_mode = True  # False only to measure the cost of autograd (soak's baseline)
@@ -124,17 +127,35 @@ class Runtime:
         with self.keep_alive.hold():
             return self._prepare_voice(audio, sample_rate, transcript)
 
-    def _prepare_voice(self, audio: Any, sample_rate: int | None = None,
-                       transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
+    def _prompt(self, audio: Any, sample_rate: int | None, transcript: str | None) -> tuple[str, VoiceSource]:
+        """(voice id, the clean prompt the model prepares): cheap checks before any model work."""
         if not self.model.supports_voice_prompt:
             raise InvalidInputError(f"{self.model.model_id} does not take voice prompts")
         rate = self.model.prompt_sample_rate or self.model.sample_rate
         clean = prepare_prompt(audio, rate, self.profile.limits.max_prompt_seconds, sample_rate=sample_rate)
         key = voice_key(clean, rate, self.model.model_id, transcript)
+        return key, VoiceSource(samples=clean, sample_rate=rate, model_id=self.model.model_id, transcript=transcript)
+
+    def _prepare_clean(self, clean: np.ndarray, rate: int, transcript: str | None) -> PreparedVoice:
         with torch.inference_mode():
-            voice, hit = self.voice_cache.get_or_prepare(
-                key, lambda: self.model.prepare_voice(clean, rate, transcript))
+            return self.model.prepare_voice(clean, rate, transcript)
+
+    def _prepare_voice(self, audio: Any, sample_rate: int | None = None,
+                       transcript: str | None = None) -> tuple[str, PreparedVoice, bool]:
+        key, source = self._prompt(audio, sample_rate, transcript)
+        voice, hit = self.voice_cache.get_or_prepare(
+            key, lambda: self._prepare_clean(source.samples, source.sample_rate, transcript))
         return key, voice, hit
+
+    def add_voice(self, audio: Any, sample_rate: int | None = None,
+                  transcript: str | None = None) -> tuple[str, bool]:
+        """Prepare a prompt and keep it in the voice library with its source, so every server
+        sharing the library can use (and, if damaged, rebuild) it -> (voice id, True when new)."""
+        with self.keep_alive.hold():
+            key, source = self._prompt(audio, sample_rate, transcript)
+            voice, _ = self.voice_cache.get_or_prepare(
+                key, lambda: self._prepare_clean(source.samples, source.sample_rate, transcript))
+            return key, self.voices.keep(key, voice, source)
 
     def _resolve_voice(self, voice: Any) -> tuple[PreparedVoice | None, str]:
         """None, a PreparedVoice, a voice id from prepare_voice, or prompt audio -> (voice, cache status)."""
@@ -146,40 +167,39 @@ class Runtime:
             _, prepared, hit = self.prepare_voice(voice[0], voice[1])
             return prepared, "hit" if hit else "miss"
         if isinstance(voice, str) and is_voice_id(voice):
-            cached = self.voice_cache.get(voice) or self._from_library(voice)
-            if cached is None:
+            hit = voice in self.voice_cache
+            try:
+                found = self.voices.lookup(voice)
+            except ValueError as exc:  # damaged beyond repair, or prepared for another model
+                raise InvalidInputError(str(exc)) from None
+            if found is None:
                 raise InvalidInputError(f"unknown voice id {voice!r}: prepare it first (it may have been "
                                         f"evicted; the cache keeps {self.voice_cache.max_entries} voices; "
-                                        "save_voice() keeps one on disk)")
-            return cached, "hit"
+                                        "save_voice() or add_voice() keeps one in the voice library)")
+            return found, "hit" if hit else "library"
         _, prepared, hit = self.prepare_voice(voice)
         return prepared, "hit" if hit else "miss"
 
-    def voice_library(self) -> VoiceLibrary:
+    def _open_library(self) -> VoiceLibrary:
         root = self.profile.voice_cache.library_dir
-        return VoiceLibrary(Path(root).expanduser() if root else data_dir() / "prepared_voices")
+        try:
+            return VoiceLibrary(root or data_dir() / "prepared_voices")
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"voice library {root!r} (voice_cache.library_dir) cannot be opened: {exc}") from None
 
-    def save_voice(self, voice_id: str) -> Path:
-        """Keep a prepared voice on disk so it survives restarts (safetensors + JSON, no pickle)."""
+    def voice_library(self) -> VoiceLibrary:
+        """The voice library this runtime reads and writes (voice_cache.library_dir)."""
+        return self.voices.library
+
+    def save_voice(self, voice_id: str) -> str:
+        """Keep a prepared voice in the library so it survives restarts (safetensors, no pickle).
+        Prefer add_voice(), which also keeps the prompt it was prepared from."""
         voice = self.voice_cache.get(voice_id)
         if voice is None:
             raise InvalidInputError(f"voice {voice_id!r} is not prepared in this runtime")
         library = self.voice_library()
         library.save(voice_id, voice)
-        return library.root / f"{voice_id}.safetensors"
-
-    def _from_library(self, voice_id: str) -> PreparedVoice | None:
-        try:
-            library = self.voice_library()
-            if voice_id not in library:
-                return None
-            voice = library.load(voice_id, device=self.voice_cache.device)
-        except ValueError as exc:  # a malformed id or a damaged entry
-            raise InvalidInputError(f"voice {voice_id!r}: {exc}") from None
-        if voice.model_id != self.model.model_id:
-            raise InvalidInputError(f"voice {voice_id!r} was prepared for {voice.model_id}, "
-                                    f"not {self.model.model_id}")
-        return self.voice_cache.put(voice_id, voice)
+        return library.where(voice_id)
 
     # -- synthesis --------------------------------------------------------------------------
     def _request(self, text: str, voice: Any, settings: dict) -> tuple[list[str], SynthesisSettings, Any, str]:

@@ -29,7 +29,7 @@ class RequestTelemetry:
     rtf: float | None = None  # latency / audio seconds; < 1 is faster than real time
     time_to_first_audio_s: float | None = None
     batch_size: int = 1
-    voice_cache: str = "none"  # 'hit' | 'miss' | 'none'
+    voice_cache: str = "none"  # 'hit' | 'miss' (prepared now) | 'library' (read from the voice library) | 'none'
     rss_bytes: int | None = None
     cuda_allocated: int | None = None
     cuda_reserved: int | None = None
@@ -102,7 +102,7 @@ class TelemetryLog:
         ok = [r for r in items if r.error is None]
         latencies = [r.latency_s for r in ok]
         rtfs = [r.rtf for r in ok if r.rtf is not None and math.isfinite(r.rtf)]
-        cache = {"hit": 0, "miss": 0, "none": 0}
+        cache = {"hit": 0, "miss": 0, "library": 0, "none": 0}
         for r in items:
             cache[r.voice_cache] = cache.get(r.voice_cache, 0) + 1
         return {

@@ -12,6 +12,10 @@ RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 STREAM_FORMATS = ("audio", "sse")
 
 
+# names the request's voice for layer-7 balancers, which hash on headers and never read the body
+VOICE_HEADER = "X-Voice-Id"
+
+
 class VoiceRef(BaseModel):
     """OpenAI's custom-voice object: {"id": "..."}."""
 

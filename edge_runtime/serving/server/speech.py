@@ -33,7 +33,8 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_runtime.runtime import audio, audio_stream
 from edge_runtime.serving.server.errors import APIError, as_api_error
-from edge_runtime.serving.server.schemas import SpeechRequest
+from edge_runtime.runtime.voices import is_voice_id
+from edge_runtime.serving.server.schemas import VOICE_HEADER, SpeechRequest
 
 log = logging.getLogger("edge_runtime.serving.server")
 T = TypeVar("T")
@@ -87,7 +88,20 @@ class SpeechService:
         short = self.model_id.split(":", 1)[1] if ":" in self.model_id else None
         return [name for name in (short, *OPENAI_MODELS) if name]
 
-    def _check(self, req: SpeechRequest) -> tuple[str | None, dict[str, Any]]:
+    @staticmethod
+    def _voice(req: SpeechRequest, request: Request) -> str:
+        """The body's voice, or the X-Voice-Id header's: a layer-7 balancer hashes on that header to
+        send every request for one voice to the server that has it cached."""
+        header = request.headers.get(VOICE_HEADER, "").strip()
+        if not header:
+            return req.voice_name
+        if is_voice_id(req.voice_name) and req.voice_name != header:
+            raise APIError(400, f"the {VOICE_HEADER} header ({header!r}) and the body's voice "
+                                f"({req.voice_name!r}) name different voices; send one, or the same id in both",
+                           param="voice", code="conflicting_voice")
+        return header
+
+    def _check(self, req: SpeechRequest, voice_name: str) -> tuple[str | None, dict[str, Any]]:
         if req.model != self.model_id and req.model not in self.aliases():
             raise APIError(404, f"model {req.model!r} is not served here; available: {self.model_id} "
                                 f"(aliases: {', '.join(self.aliases())})", param="model", code="model_not_found")
@@ -98,7 +112,7 @@ class SpeechService:
         if len(req.input) > limit:
             raise APIError(400, f"input is {len(req.input)} characters; at most {limit} allowed "
                                 "(limits.max_text_chars)", param="input", code="input_too_long")
-        voice_id, speaker = self.voices.resolve(req.voice_name)
+        voice_id, speaker = self.voices.resolve(voice_name)
         settings: dict[str, Any] = {"speed": req.speed}
         if speaker is not None:
             settings["speaker"] = speaker
@@ -110,7 +124,7 @@ class SpeechService:
 
     async def speak(self, req: SpeechRequest, request: Request) -> Response:
         start = time.perf_counter()
-        voice_id, settings = self._check(req)
+        voice_id, settings = self._check(req, self._voice(req, request))
         fmt = req.response_format
         stream = fmt in RAW_FORMATS or (fmt in ENCODED_FORMATS and audio_stream.available())
         try:

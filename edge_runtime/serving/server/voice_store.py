@@ -2,8 +2,9 @@
 
 An upload is checked in order of cost — declared type, size, magic bytes, decode, then the model's
 own preparation on the inference worker — and kept by its content hash in the runtime's voice cache
-and on disk in its voice library (safetensors + JSON, never pickle), so an id stays valid after a
-cache eviction or a restart. Ids are content hashes, never paths.
+and in its voice library (safetensors, never pickle; a folder or fsspec URL that several servers may
+share), so an id stays valid after a cache eviction, a restart, or on another replica. Ids are
+content hashes, never paths.
 """
 
 from __future__ import annotations
@@ -115,22 +116,22 @@ class VoiceStore:
             raise APIError(400, f"{exc}; the file may be corrupt", param="file", code="corrupt_audio") from None
         rt = self.runtime
 
-        def prepare() -> tuple[str, Any, bool]:
-            return rt.prepare_voice(samples, sample_rate=rate, transcript=transcript or None)
+        def add() -> tuple[str, bool]:  # prepares, then keeps it (with its source) in the shared library
+            return rt.add_voice(samples, sample_rate=rate, transcript=transcript or None)
 
         try:
-            voice_id, voice, _ = await self.scheduler.call(prepare)
+            voice_id, created = await self.scheduler.call(add)
         except InvalidInputError as exc:  # decoded, but unusable: NaN, silent, too long, too short
             raise APIError(422, str(exc).replace("voice prompt", "uploaded audio", 1), param="file",
                            code="unusable_audio") from None
-        created = voice_id not in self.library
-        if created:
-            await run_in_threadpool(self.library.save, voice_id, voice)
         return self.card(voice_id), created
 
     # -- listing ------------------------------------------------------------------------------
     def card(self, voice_id: str) -> VoiceCard:
-        meta = self.library.metadata(voice_id) if voice_id in self.library else {}
+        try:
+            meta = self.library.metadata(voice_id)
+        except FileNotFoundError:
+            meta = {}
         return VoiceCard(id=voice_id, type="uploaded", model=meta.get("model_id", self.model_id),
                          created=_timestamp(meta.get("created")), transcript=meta.get("transcript"),
                          extra=meta.get("extra") or {})
