@@ -33,7 +33,8 @@ class RuntimeCollector:
     def collect(self):
         stats = self.runtime.voice_cache.stats()
         for name, help_text in (("hits", "prepared-voice lookups served from the cache"),
-                                ("misses", "prepared-voice lookups that had to prepare the voice"),
+                                ("misses", "prepared-voice lookups not in the cache (read from the library or "
+                                            "prepared)"),
                                 ("evictions", "voices dropped to keep the cache within its limits")):
             yield CounterMetricFamily(f"{PREFIX}_voice_cache_{name}", f"Voice cache: {help_text}.",
                                       value=stats[name])
@@ -43,6 +44,10 @@ class RuntimeCollector:
                                      ("max_entries", "max_entries", "entry limit (voice_cache.max_entries)")):
             yield GaugeMetricFamily(f"{PREFIX}_voice_cache_{name}", f"Voice cache: {help_text}.",
                                     value=stats[key])
+        voices = getattr(self.runtime, "voices", None)  # serving fakes have no resolver
+        if voices is not None:
+            yield CounterMetricFamily(f"{PREFIX}_voice_library_rebuilds", "Damaged voice-library entries "
+                                      "prepared again from their source.", value=voices.rebuilt)
         yield from self._model_state()
         snap = self.runtime.governor.snapshot()
         yield GaugeMetricFamily(f"{PREFIX}_memory_rss_bytes", "Resident set size of the server process.",
