@@ -184,3 +184,16 @@ def test_server_healthy_after_bad_input(server, client):
     audio, _ = decode(response.content)
     assert audio.size > 0
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_draining_server_tells_probes_when_to_retry(server):
+    """While shutting down /health is 503 with Retry-After, so a balancer takes the server out."""
+    state = server.server.config.app.state
+    state.draining = True
+    try:
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.headers["Retry-After"] == "5"
+        assert health.json()["status"] == "draining"
+    finally:
+        state.draining = False
+    assert httpx.get(f"{server.url}/health").status_code == 200

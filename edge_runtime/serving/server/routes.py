@@ -58,7 +58,9 @@ def health(request: Request) -> JSONResponse:
                   profile=state.runtime.profile.name, queue_depth=scheduler.depth,
                   max_batch=scheduler.max_batch, uptime_s=round(time.time() - state.started_at, 3),
                   model_state=kept["state"] if kept else None, keep_alive=kept)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=503 if state.draining else 200)
+    if state.draining:  # a balancer's probe takes this server out; clients may retry elsewhere
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(body.model_dump(exclude_none=True))
 
 
 def metrics(request: Request) -> Response:
