@@ -26,7 +26,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAM
     # Install output goes to stderr so stdout carries only the command's own (e.g. doctor --json).
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install ${TORCH_SPEC:-torch==2.13.0} >&2
-    "$VENV/bin/python" -m pip install -e '.[dev,server,deepspeed,cosyvoice,vibevoice]' >&2
+    "$VENV/bin/python" -m pip install -e '.[dev,server,deepspeed,cosyvoice,vibevoice,ray]' >&2
     touch "$STAMP"
 fi
 

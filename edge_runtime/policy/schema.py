@@ -114,7 +114,8 @@ class VoiceCache(Section):
     max_entries: PositiveInt = key("an integer >= 1")
     max_mib: float = key("a number of MiB > 0", gt=0)
     device: Literal["cpu", "cuda"] = key("cpu or cuda")
-    library_dir: Optional[str] = key("a folder path, or null for the user data dir")
+    library_dir: Optional[str] = key("a folder, an NFS path or an fsspec URL (s3://bucket/voices), or null for "
+                                     "the user data dir")
 
 
 class Batching(Section):
@@ -146,6 +147,37 @@ class RuntimeSection(Section):
         default=None, ge=0)
 
 
+class Replicas(Section):
+    """`serve --replicas N` on Ray Serve (serving/replicas): what each model replica asks of the
+    cluster, its autoscaling bounds and how requests find a replica."""
+
+    num_cpus: float = key("a number of CPUs >= 0 per replica (fractions allowed: Ray schedules by it)",
+                          default=1.0, ge=0)
+    # Ray's fractional GPUs are scheduling only: the replica also caps torch at memory_fraction.
+    num_gpus: float = key("a number of GPUs >= 0 per replica (0.5: two replicas share a card)", default=0.0, ge=0)
+    memory_fraction: Optional[float] = key(
+        "a number above 0, at most 1 (share of the card's memory torch may allocate), or null for num_gpus",
+        default=None, gt=0, le=1)
+    max_ongoing_requests: PositiveInt = key("an integer >= 1 (requests one replica holds at once; more wait "
+                                            "in Ray's router)", default=16)
+    min_replicas: Optional[int] = key("an integer >= 0 (autoscaling lower bound), or null for a fixed count",
+                                      default=None, ge=0)
+    max_replicas: Optional[PositiveInt] = key("an integer >= 1 (autoscaling upper bound), or null for a fixed count",
+                                              default=None)
+    target_ongoing_requests: float = key("a number > 0 (autoscaling adds replicas above this many requests "
+                                         "per replica)", default=2.0, gt=0)
+    routing: Literal["voice", "default"] = key(
+        "voice (requests for a voice go to the replica that has it prepared) or default (least loaded)",
+        default="voice")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> Replicas:
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"replicas.min_replicas ({self.min_replicas}) must be at most "
+                             f"replicas.max_replicas ({self.max_replicas})")
+        return self
+
+
 class Profile(Section):
     """A resolved profile. `source` is the file it came from (set by the loader, not in YAML)."""
 
@@ -161,6 +193,7 @@ class Profile(Section):
     batching: Batching
     limits: Limits
     runtime: RuntimeSection
+    replicas: Replicas = Field(default_factory=Replicas)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values (tuples become lists)."""

@@ -29,12 +29,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="seconds SIGTERM waits for in-flight requests before cancelling them (default 30)")
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip the warm-up synthesis at start (max_batch auto then starts at 1 and learns while serving)")
+    p.add_argument("--voice-library", metavar="URL",
+                   help="where uploaded voices are kept, shared by every server that names it: a folder, an NFS "
+                        "path or an fsspec URL such as s3://bucket/voices (default: the profile's "
+                        "voice_cache.library_dir, else the user data folder)")
     p.add_argument("--telemetry", help="append per-request telemetry as JSON lines to this file")
     p.add_argument("--keep-alive", type=float, metavar="SECONDS",
                    help="unload the model after this many idle seconds, reload it on the next request "
                         "(0: never; default: the profile's runtime.keep_alive_s)")
+    ray = p.add_argument_group("replicas on Ray Serve (pip install 'edge-runtime[ray]')")
+    ray.add_argument("--replicas", type=int, metavar="N",
+                     help="serve N replicas of the model behind one port on Ray Serve, requests for a voice "
+                          "routed to the replica holding it (per-replica CPUs/GPU share: the profile's "
+                          "replicas section)")
+    ray.add_argument("--min-replicas", type=int, metavar="N",
+                     help="autoscaling lower bound (default: the profile's replicas.min_replicas)")
+    ray.add_argument("--max-replicas", type=int, metavar="N",
+                     help="autoscaling upper bound (default: the profile's replicas.max_replicas)")
+    ray.add_argument("--ray-address", metavar="ADDRESS",
+                     help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one")
     p.set_defaults(handler=run)
     return p
+
+
+def _run_replicas(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise EdgeRuntimeError("--replicas needs the ray extra (ray is missing): pip install 'edge-runtime[ray]'")
+    from edge_runtime.serving.replicas import launcher
+
+    return launcher.run(args, server_overrides(args))
 
 
 def _say(line: str) -> None:
@@ -54,7 +79,22 @@ def _plan_summary(rt) -> str:
             + (f", predicted peak VRAM {peak / mib:.0f} MiB" if peak else ""))
 
 
+def server_overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """`--set` values plus what serve's own options override in the profile."""
+    extra = []
+    if args.keep_alive is not None:
+        extra.append(f"runtime.keep_alive_s={args.keep_alive}")
+    if args.voice_library:
+        extra.append(f"voice_cache.library_dir={args.voice_library}")
+    return (*(args.set or ()), *extra)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.replicas is not None or args.ray_address or args.min_replicas is not None \
+            or args.max_replicas is not None:
+        if args.replicas is None:
+            raise EdgeRuntimeError("--min-replicas, --max-replicas and --ray-address go with --replicas N")
+        return _run_replicas(args)
     try:
         import uvicorn
 
@@ -66,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise EdgeRuntimeError(f"--port {args.port} is out of range; allowed: 0 to 65535")
-    keep_alive = () if args.keep_alive is None else (f"runtime.keep_alive_s={args.keep_alive}",)
-    rt = load(args.model, profile=args.profile, overrides=tuple(args.set or ()) + keep_alive,
+    rt = load(args.model, profile=args.profile, overrides=server_overrides(args),
               telemetry=args.telemetry, allow_download=args.allow_download)
     profile = rt.profile
     _say(f"profile: {profile.name} ({profile.source or 'built in'}): {profile.description}")
