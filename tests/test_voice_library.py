@@ -167,3 +167,13 @@ def test_an_unusable_library_url_is_named():
             rt.voice_library()
     finally:
         rt.close()
+
+
+def test_serve_refuses_an_unusable_library_before_serving(capsys):
+    from edge_runtime.serving.cli import main
+
+    assert main(["serve", "--voice-library", "nosuchproto://bucket/voices", "--port", "0", "--no-warm-up",
+                 "--profile", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "voice library 'nosuchproto://bucket/voices' (voice_cache.library_dir) cannot be opened" in err
+    assert "nosuchproto" in err.rsplit(":", 1)[0] and "Traceback" not in err

@@ -62,8 +62,8 @@ class FsspecStorage:
             raise ValueError(f"voice library {url!r} needs the fsspec package") from None
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url)
-        except (ImportError, ValueError) as exc:  # e.g. s3:// without s3fs installed
-            raise ValueError(f"voice library {url!r}: {exc}") from None
+        except (ImportError, ValueError) as exc:  # an unknown protocol, s3:// without s3fs installed
+            raise ValueError(str(exc)) from None
         self.root = self.root.rstrip("/")
         self.location = url
         self.fs.makedirs(self.root, exist_ok=True)

@@ -112,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     _say(f"profile: {profile.name} ({profile.source or 'built in'}): {profile.description}")
     _say(f"model: {rt.model.model_id} ({rt.sample_rate} Hz)")
     _say(_plan_summary(rt))
+    try:  # a bad --voice-library fails here, with its reason, not on the first upload
+        _say(f"voice library: {rt.voice_library().location}")
+    except EdgeRuntimeError:
+        rt.close()
+        raise
     state = rt.model_state
     _say(f"keep-alive: unload after {state['keep_alive_s']:g} s idle" if state["keep_alive_s"]
          else "keep-alive: never unload")
