@@ -2,14 +2,18 @@
 CosyVoice2 and CosyVoice3 family tests share.
 
 The reference lives in .cosyvoice_ref (built by scripts/cosyvoice_reference.sh) and is only ever
-run as a subprocess, so none of its packages or stubs leak into the test process.
+run in other processes, so none of its packages or stubs leak into the test process. Its scripts
+run in children forked from one long-lived reference process (reference_zygote.py) that imported
+upstream once: each job behaves as `python argv...` would, without its ~12 s of imports.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +45,51 @@ def require_reference() -> Path:
     return py
 
 
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+
+
+class _Zygote:
+    """The session's reference process: started on first use, stopped at exit."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def run(self, python: str, argv: list[str], stdin: str | None) -> tuple[int, str, str]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen([python, str(Path(__file__).with_name("reference_zygote.py"))],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                             env=_env(), cwd=ROOT)
+                atexit.register(self.proc.kill)
+                self._answer("ready")
+            self.proc.stdin.write(json.dumps({"argv": argv, "stdin": stdin}) + "\n")
+            self.proc.stdin.flush()
+            answer = self._answer("rc")
+            return answer["rc"], answer["stdout"], answer["stderr"]
+
+    def _answer(self, key: str) -> dict:
+        """The next JSON line holding `key` (lines an import printed are skipped)."""
+        for line in self.proc.stdout:
+            if line.startswith(f'{{"{key}"'):
+                return json.loads(line)
+        raise RuntimeError(f"the reference process ended (exit code {self.proc.wait()})")
+
+
+_ZYGOTE = _Zygote()
+
+
 def _run(cmd: list[str], stdin: str | None = None, timeout: float = 600) -> str:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr[-4000:]}")
-    return res.stdout
+    python = reference_python()
+    if python is not None and str(cmd[0]) == str(python):
+        rc, out, err = _ZYGOTE.run(str(python), [str(c) for c in cmd[1:]], stdin)
+    else:
+        res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+        rc, out, err = res.returncode, res.stdout, res.stderr
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}):\n{err[-4000:]}")
+    return out
 
 
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, seed: int = 0) -> Path:
