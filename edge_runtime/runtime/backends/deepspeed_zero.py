@@ -12,6 +12,7 @@ first load makes a one-rank group (gloo on CPU, nccl on CUDA) and later loads re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -119,8 +120,29 @@ def _ensure_process_group(deepspeed, device: torch.device) -> None:
         os.environ[_OWNER_VAR] = str(os.getpid())
         _env_set.append(_OWNER_VAR)
     # no-op when already initialised, but still gives deepspeed.comm a handle on a launcher's group
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    with _no_shm_op_for_one_rank():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     _owns_group = _owns_group or created
+
+
+@contextlib.contextmanager
+def _no_shm_op_for_one_rank():
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (g++, 30-60 s) when its
+    communication backend starts. One rank has no peer to reduce with, and without the op DeepSpeed
+    uses torch.distributed's collectives, so a one-rank group skips the build."""
+    import importlib
+
+    # by name: `import deepspeed.comm.torch as m` gives the torch package deepspeed.comm re-exports
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    if os.environ.get("WORLD_SIZE") != "1" or not hasattr(ds_comm, "build_shm_op"):
+        yield
+        return
+    build = ds_comm.build_shm_op
+    ds_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_comm.build_shm_op = build
 
 
 def _zero3_config(request: LoadRequest) -> tuple[dict[str, Any], str]:
