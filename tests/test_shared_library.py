@@ -38,7 +38,7 @@ def start_server(toy: Path, library: Path) -> tuple[subprocess.Popen, str]:
            "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
     proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--model", str(toy), "--port", "0",
                              "--profile", "cpu", "--no-warm-up", "--set", "runtime.threads=1",
-                             "--voice-library", str(library)],
+                             "--voice-library", str(library), "--set", "voice_cache.library_recheck_s=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return proc, ""
 
@@ -136,3 +136,13 @@ def test_a_truncated_entry_is_rebuilt_not_served(servers):
     assert rebuilt.content == reference  # prepared again from the source, identically
     VoiceLibrary(library).load(voice_id)  # whole again on the shared storage
     assert "edge_runtime_voice_library_rebuilds_total 1.0" in httpx.get(f"{b}/metrics").text
+
+
+def test_a_voice_deleted_on_one_server_is_gone_on_the_other(servers):
+    (a, b), library = servers
+    voice_id = upload(a, clip(740)).json()["id"]
+    assert speak(b, voice_id).status_code == 200  # now cached on b
+    assert httpx.delete(f"{a}/v1/voices/{voice_id}").status_code == 200
+    gone = speak(b, voice_id)
+    assert gone.status_code == 400 and "unknown voice id" in gone.json()["error"]["message"]
+    assert not list(library.glob(f"{voice_id}*"))

@@ -177,3 +177,19 @@ def test_serve_refuses_an_unusable_library_before_serving(capsys):
     err = capsys.readouterr().err
     assert "voice library 'nosuchproto://bucket/voices' (voice_cache.library_dir) cannot be opened" in err
     assert "nosuchproto" in err.rsplit(":", 1)[0] and "Traceback" not in err
+
+
+def test_a_voice_deleted_from_the_library_leaves_every_cache(library):
+    """Another server deleted it: this one's cache stops serving it at its next check."""
+    library.save(VID, prepared(), source())
+    cache = VoiceCache(4, 1 << 20)
+    resolver = VoiceResolver(cache, lambda: library, "m", Counting(), recheck_s=0)
+    assert resolver.lookup(VID) is not None and VID in cache
+    assert resolver.lookup(VID) is cache.get(VID)  # still there: served from the cache
+    library.delete(VID)
+    assert resolver.lookup(VID) is None and VID not in cache
+    never = VoiceResolver(VoiceCache(4, 1 << 20), lambda: library, "m", Counting(), recheck_s=None)
+    library.save(VID, prepared(), source())
+    kept = never.lookup(VID)
+    library.delete(VID)
+    assert never.lookup(VID) is kept  # recheck_s=None: the cache is trusted

@@ -116,6 +116,9 @@ class VoiceCache(Section):
     device: Literal["cpu", "cuda"] = key("cpu or cuda")
     library_dir: Optional[str] = key("a folder, an NFS path or an fsspec URL (s3://bucket/voices), or null for "
                                      "the user data dir")
+    library_recheck_s: Optional[float] = key(
+        "seconds >= 0 between checks that a cached library voice is still in the library (0: every "
+        "request), or null for never", default=5.0, ge=0)
 
 
 class Batching(Section):

@@ -61,7 +61,8 @@ class Runtime:
         self.governor = MemoryGovernor(profile.cleanup, device=device)  # values checked by the schema
         cache = profile.voice_cache
         self.voice_cache = VoiceCache(cache.max_entries, cache.max_mib * 1024 * 1024, device=cache.device)
-        self.voices = VoiceResolver(self.voice_cache, self._open_library, model.model_id, self._prepare_clean)
+        self.voices = VoiceResolver(self.voice_cache, self._open_library, model.model_id, self._prepare_clean,
+                                    recheck_s=cache.library_recheck_s)
         self.telemetry = TelemetryLog(telemetry_path)
         self._lock = threading.Lock()  # one forward at a time: the model's cores are shared
         self.inference_mode = True  # False only to measure the cost of autograd (soak's baseline)

@@ -5,6 +5,8 @@ else removed, so the next upload of the clip recreates it."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -23,9 +25,16 @@ class VoiceUnavailableError(ValueError):
 
 
 class VoiceResolver:
+    """`recheck_s`: a cached voice that came from the library is looked up there again at most this
+    often, so a voice deleted through another server sharing the library stops being served here
+    too (0: on every request; None: never)."""
+
     def __init__(self, cache: VoiceCache, library: Callable[[], VoiceLibrary], model_id: str,
-                 prepare: Prepare) -> None:
+                 prepare: Prepare, recheck_s: float | None = 5.0) -> None:
         self.cache = cache
+        self.recheck_s = recheck_s
+        self._checked: dict[str, float] = {}  # library voices in the cache -> when last seen there
+        self._lock = threading.Lock()
         self._library = library  # opened on first use: a server that never sees a voice id never touches it
         self._opened: VoiceLibrary | None = None
         self.model_id = model_id
@@ -41,7 +50,7 @@ class VoiceResolver:
     def lookup(self, voice_id: str) -> PreparedVoice | None:
         """The prepared voice, or None when neither the cache nor the library has it."""
         cached = self.cache.get(voice_id)
-        if cached is not None:
+        if cached is not None and self._still_in_library(voice_id):
             return cached
         library = self.library
         try:
@@ -52,7 +61,26 @@ class VoiceResolver:
             voice = self._rebuild(voice_id, str(exc))
         if voice.model_id != self.model_id:
             raise ValueError(f"voice {voice_id!r} was prepared for {voice.model_id}, not {self.model_id}")
+        self._seen(voice_id)
         return self.cache.put(voice_id, voice)
+
+    def _seen(self, voice_id: str) -> None:
+        with self._lock:
+            self._checked[voice_id] = time.monotonic()
+
+    def _still_in_library(self, voice_id: str) -> bool:
+        """False (and the cache entry dropped) when a library voice was deleted from the library."""
+        with self._lock:
+            checked = self._checked.get(voice_id)
+        if checked is None or self.recheck_s is None or time.monotonic() - checked < self.recheck_s:
+            return True  # not a library voice (prepared here from a prompt), or seen there lately
+        if voice_id in self.library:
+            self._seen(voice_id)
+            return True
+        with self._lock:
+            self._checked.pop(voice_id, None)
+        self.cache.remove(voice_id)
+        return False
 
     def _rebuild(self, voice_id: str, damage: str) -> PreparedVoice:
         library = self.library
@@ -78,8 +106,10 @@ class VoiceResolver:
             try:  # read whole: a truncated entry is rewritten, not counted as present
                 library.load(voice_id)
                 library.load_source(voice_id)
+                self._seen(voice_id)
                 return False
             except (FileNotFoundError, DamagedVoiceError):
                 pass
         library.save(voice_id, voice, source)
+        self._seen(voice_id)
         return True
