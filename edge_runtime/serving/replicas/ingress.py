@@ -90,6 +90,10 @@ class Ingress:
         self.affinity = routing == "voice"
         self.max_body_bytes = max_body_bytes
         self.board = board(serve.get_replica_context().app_name)
+        # what voice_key and error_response import, loaded now (beside the replicas' start-up),
+        # not on the first request: the import path passes through torch
+        import edge_runtime.runtime.voices.keys  # noqa: F401
+        import edge_runtime.serving.server.errors  # noqa: F401
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
