@@ -19,15 +19,11 @@ serving path's overhead and the routing's effect on the cache, and supports no s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,43 +35,8 @@ VOICES = 8
 CACHE = 4
 START_TIMEOUT_S = 180
 
-
-class Server:
-    """`edge-runtime serve` (optionally --replicas) with the toy family, on a free loopback port."""
-
-    def __init__(self, toy: Path, library: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "edge_runtime", "serve", "--model", str(toy), "--profile", "cpu", "--port", "0",
-               "--no-warm-up", "--set", "runtime.threads=1", "--set", f"voice_cache.max_entries={CACHE}",
-               "--voice-library", str(library), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", EDGE_RUNTIME_FAMILIES="family_toy",
-                   PYTHONPATH=os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH")))))
-        self.lines: list[str] = []
-        self.url = ""
-        self.ready = threading.Event()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     cwd=ROOT)
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(START_TIMEOUT_S) or not self.url:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "\n".join(self.lines[-30:]))
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            match = re.search(r"serving on (http://\S+?) ", line)
-            if match:
-                self.url = match.group(1)
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+sys.path.insert(0, str(TESTS))
+from replica_support import ServerProcess, cache_counts, upload_voices  # noqa: E402  (the tests' server helper)
 
 
 def speech(client, voice: str = "alloy") -> None:
@@ -104,40 +65,13 @@ def overhead_row(name: str, client, rounds: int) -> dict:
     return row
 
 
-def upload_voices(client) -> list[str]:
-    import numpy as np
-    import soundfile as sf
-
-    rate = 16000
-    t = np.arange(rate // 2) / rate
-    ids = []
-    for i in range(VOICES):
-        clip = io.BytesIO()
-        sf.write(clip, (0.3 * np.sin(2 * np.pi * (110 + 37 * i) * t)).astype(np.float32), rate, format="WAV")
-        answer = client.post("/v1/voices", files={"file": (f"v{i}.wav", clip.getvalue(), "audio/wav")})
-        answer.raise_for_status()
-        ids.append(answer.json()["id"])
-    return ids
-
-
-def cache_counts(client) -> tuple[float, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    time.sleep(1.5)  # replicas push their figures every second
-    totals = {"hits": 0.0, "misses": 0.0}
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for what in totals:
-            if family.name == f"edge_runtime_voice_cache_{what}":
-                totals[what] += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return totals["hits"], totals["misses"]
-
-
 def hit_rate(client, url: str, ids: list[str], concurrency: int, requests: int) -> dict:
     import httpx
 
     for voice in ids:  # warm-up pass: every voice prepared once somewhere
         speech(client, voice)
-    hits0, misses0 = cache_counts(client)
+    time.sleep(1.5)  # replicas push their figures every second
+    before = cache_counts(client)
 
     def worker(k: int) -> None:
         with httpx.Client(base_url=url, timeout=120) as own:
@@ -146,8 +80,9 @@ def hit_rate(client, url: str, ids: list[str], concurrency: int, requests: int) 
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    hits1, misses1 = cache_counts(client)
-    hits, misses = hits1 - hits0, misses1 - misses0
+    time.sleep(1.5)
+    after = cache_counts(client)
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
     return {"concurrency": concurrency, "requests": requests, "hits": hits, "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else None}
 
@@ -160,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200, help="requests per latency figure (default 200)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "replicas.json")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(TESTS))
     from family_toy import build_toy
 
     rows, affinity = [], []
@@ -170,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("Ray Serve, 2 replicas, routing default", ("--replicas", "2", "--set", "replicas.routing=default"))]
         for name, extra in runs:
             ray = bool(extra)
-            server = Server(toy, library, *extra, *(("--set", "replicas.num_cpus=0.5") if ray else ()))
+            server = ServerProcess(toy, "--set", f"voice_cache.max_entries={CACHE}", "--voice-library", str(library),
+                                   *extra, *(("--set", "replicas.num_cpus=0.5") if ray else ())).start(START_TIMEOUT_S)
             try:
                 with httpx.Client(base_url=server.url, timeout=120) as client:
                     if "routing default" not in name:
                         rows.append(overhead_row(name, client, args.rounds))
                     if ray:
                         routing = "default" if "routing default" in name else "voice"
-                        ids = upload_voices(client)
+                        ids = upload_voices(client, VOICES)
                         for concurrency in (1, 4):
                             affinity.append({"routing": routing,
                                              **hit_rate(client, server.url, ids, concurrency, args.requests)})

@@ -5,78 +5,32 @@ requests on it, and SIGTERM lets in-flight requests finish. One Ray start for th
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'edge-runtime[ray]')")
 httpx = pytest.importorskip("httpx")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from family_toy import build_toy  # noqa: E402
+from replica_support import ServerProcess, cache_counts, upload_voices  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
 VOICES = 8  # twice what one replica's voice cache holds (voice_cache.max_entries=4)
 SHORT = "Hi."
 LONG = "Hello there. " * 60  # ~0.3 s of toy synthesis: still running when SIGTERM arrives
 
 
-class Server:
-    """The CLI process; its output is read on a thread so it never blocks on a full pipe."""
-
-    def __init__(self, toy: Path, library: Path) -> None:
-        env = {**os.environ, "EDGE_RUNTIME_FAMILIES": "family_toy", "RAY_AUTH_MODE": "disabled",
-               "RAY_USAGE_STATS_ENABLED": "0",
-               "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_runtime", "serve", "--replicas", "2", "--model", str(toy), "--profile", "cpu",
-             "--port", "0", "--no-warm-up", "--set", "runtime.threads=1", "--set", "voice_cache.max_entries=4",
-             "--set", "replicas.num_cpus=0.5", "--voice-library", str(library), "--shutdown-timeout", "20"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.output: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(90) or self.proc.poll() is not None:
-            self.stop()
-            pytest.fail("server did not start:\n" + "".join(self.output))
-        self.url = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.text).group(1)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if line.startswith("serving on "):
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
-    srv = Server(build_toy(root / "toy"), root / "library")
+    srv = ServerProcess(build_toy(root / "toy"), "--replicas", "2", "--set", "voice_cache.max_entries=4",
+                        "--set", "replicas.num_cpus=0.5", "--voice-library", str(root / "library"),
+                        "--shutdown-timeout", "20").start(90)
     try:
         yield srv
     finally:
@@ -120,21 +74,6 @@ def replica_processes() -> set[int]:
     return pids
 
 
-def cache_counts(client) -> dict[str, float]:
-    """hits and misses of the voice cache, summed over the replicas in the merged /metrics."""
-    totals = {"hits": 0.0, "misses": 0.0}
-    replicas = set()
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for what in totals:
-            if family.name == f"edge_runtime_voice_cache_{what}":
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        totals[what] += sample.value
-                        replicas.add(sample.labels["replica"])
-    totals["replicas"] = len(replicas)
-    return totals
-
-
 def test_both_replicas_serve(server, client):
     assert "replicas: 2 on Ray Serve" in server.text
     seen = replicas_seen(client)
@@ -146,15 +85,7 @@ def test_both_replicas_serve(server, client):
 
 
 def test_voices_stay_with_their_replica(client):
-    rate = 16000
-    t = np.arange(rate // 2) / rate
-    ids = []
-    for i in range(VOICES):
-        clip = io.BytesIO()
-        sf.write(clip, (0.3 * np.sin(2 * np.pi * (110 + 37 * i) * t)).astype(np.float32), rate, format="WAV")
-        answer = client.post("/v1/voices", files={"file": (f"v{i}.wav", clip.getvalue(), "audio/wav")})
-        assert answer.status_code in (200, 201), answer.text
-        ids.append(answer.json()["id"])
+    ids = upload_voices(client, VOICES)
     assert len(set(ids)) == VOICES
     for voice in ids:  # warm-up pass: each voice finds its replica, which prepares it once
         assert speak(client, voice=voice).status_code == 200

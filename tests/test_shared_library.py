@@ -4,69 +4,29 @@ concurrent uploads of one clip leave one intact entry, a truncated entry is rebu
 
 from __future__ import annotations
 
-import io
-import os
-import re
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
 
 from edge_runtime.runtime.voices import VoiceLibrary
 from family_toy import build_toy
+from replica_support import ServerProcess, tone_wav
 
-TESTS = Path(__file__).resolve().parent
 TEXT = "Hello there."
-
-
-def clip(freq: float) -> bytes:
-    """One second of a distinct tone: a distinct voice."""
-    t = np.arange(16000) / 16000
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32),
-             16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def start_server(toy: Path, library: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "EDGE_RUNTIME_FAMILIES": "family_toy",
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--model", str(toy), "--port", "0",
-                             "--profile", "cpu", "--no-warm-up", "--set", "runtime.threads=1",
-                             "--voice-library", str(library), "--set", "voice_cache.library_recheck_s=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    return proc, ""
-
-
-def wait_until_serving(proc: subprocess.Popen) -> str:
-    startup = ""
-    for line in proc.stdout:
-        startup += line
-        found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", line)
-        if found:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return found.group(1)
-    raise AssertionError(f"the server did not start:\n{startup}")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     toy = build_toy(tmp_path_factory.mktemp("toy") / "toy")
     library = tmp_path_factory.mktemp("shared_library")
-    procs = [start_server(toy, library)[0] for _ in range(2)]  # both start at once
+    args = ("--voice-library", str(library), "--set", "voice_cache.library_recheck_s=0")
+    procs = [ServerProcess(toy, *args) for _ in range(2)]  # both start at once
     try:
-        urls = [wait_until_serving(p) for p in procs]
-        yield urls, library
+        yield [p.start().url for p in procs], library
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
+            p.stop()
 
 
 def upload(url: str, data: bytes) -> httpx.Response:
@@ -81,7 +41,7 @@ def speak(url: str, voice_id: str, header: bool = True) -> httpx.Response:
 
 def test_a_voice_uploaded_to_one_server_speaks_on_the_other(servers):
     (a, b), library = servers
-    made = upload(a, clip(150))
+    made = upload(a, tone_wav(1))
     assert made.status_code == 201, made.text
     voice_id = made.json()["id"]
     on_b = speak(b, voice_id)  # the balancer's header; the body keeps an OpenAI voice name
@@ -101,7 +61,7 @@ def test_a_voice_uploaded_to_one_server_speaks_on_the_other(servers):
 
 def test_concurrent_uploads_of_one_clip_leave_one_intact_entry(servers):
     (a, b), library = servers
-    data, answers = clip(310), []
+    data, answers = tone_wav(2), []
     start = threading.Barrier(6)
 
     def send(url: str) -> None:
@@ -126,7 +86,7 @@ def test_concurrent_uploads_of_one_clip_leave_one_intact_entry(servers):
 
 def test_a_truncated_entry_is_rebuilt_not_served(servers):
     (a, b), library = servers
-    made = upload(a, clip(520))
+    made = upload(a, tone_wav(3))
     voice_id = made.json()["id"]
     reference = speak(a, voice_id).content
     entry = library / f"{voice_id}.safetensors"
@@ -140,7 +100,7 @@ def test_a_truncated_entry_is_rebuilt_not_served(servers):
 
 def test_a_voice_deleted_on_one_server_is_gone_on_the_other(servers):
     (a, b), library = servers
-    voice_id = upload(a, clip(740)).json()["id"]
+    voice_id = upload(a, tone_wav(4)).json()["id"]
     assert speak(b, voice_id).status_code == 200  # now cached on b
     assert httpx.delete(f"{a}/v1/voices/{voice_id}").status_code == 200
     gone = speak(b, voice_id)
