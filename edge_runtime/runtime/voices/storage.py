@@ -82,7 +82,9 @@ class FsspecStorage:
         self.fs.pipe_file(self._path(name), data)
 
     def exists(self, name: str) -> bool:
-        return bool(self.fs.isfile(self._path(name)))
+        path = self._path(name)
+        self.fs.invalidate_cache(path)  # a cached listing predates what other replicas wrote since
+        return bool(self.fs.isfile(path))
 
     def names(self) -> list[str]:
         self.fs.invalidate_cache(self.root)  # other replicas write here: never trust a cached listing
